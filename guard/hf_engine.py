@@ -1,0 +1,108 @@
+"""ProGuard through Hugging Face ``transformers`` (a dev GPU without vLLM). Same prompts as the vLLM
+engine (Qwen2.5-VL chat template, one image per request), greedy decoding, ``max_new_tokens`` 1024.
+
+Slower than vLLM (static batches, no paged attention or prefix cache); use it to debug prompts or
+compare outputs. Model and processor are injectable for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
+from guard.parser import parse_output
+from guard.prompts import PromptSet
+from guard.types import EngineError, ModerationItem, Verdict
+from schemas.events import Modality
+
+
+@dataclass(frozen=True)
+class TransformersConfig:
+    model: str = "yushaohan/ProGuard-7B"
+    device_map: str = "auto"
+    dtype: str = "bfloat16"
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 1280 * 28 * 28
+    max_tokens: int = 1024
+    top_logprobs: int = 5
+
+
+class TransformersEngine:
+    name = "proguard-transformers"
+
+    def __init__(
+        self,
+        prompts: PromptSet,
+        config: TransformersConfig | None = None,
+        model: Any = None,
+        processor: Any = None,
+    ) -> None:
+        self.config = c = config or TransformersConfig()
+        self.prompts = prompts
+        self.taxonomy = prompts.taxonomy
+        self.policy_version = prompts.policy_version
+        self.model_version = f"{c.model}@transformers"
+        if model is None or processor is None:
+            import torch
+            from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+            processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                c.model, min_pixels=c.min_pixels, max_pixels=c.max_pixels
+            )
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                c.model, dtype=getattr(torch, c.dtype), device_map=c.device_map
+            ).eval()  # type: ignore[no-untyped-call]
+        processor.tokenizer.padding_side = "left"  # decoder-only batch generation
+        self.model, self.processor = model, processor
+
+    def build_inputs(self, items: list[ModerationItem]) -> tuple[list[str], list[Any]]:
+        texts: list[str] = []
+        images: list[Any] = []
+        for it in items:
+            r = render(self.prompts, it)
+            texts.append(render_qwen2_5_vl(r.system, user_text(r), len(it.images)))
+            images.extend(it.images)
+        return texts, images
+
+    def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
+        import torch
+
+        expanded = expand(batch)
+        texts, images = self.build_inputs([it for _, it in expanded])
+        try:
+            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            inputs = inputs.to(self.model.device)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **inputs,
+                    max_new_tokens=self.config.max_tokens,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+        except Exception as exc:
+            raise EngineError(f"transformers generate failed: {type(exc).__name__}: {exc}") from exc
+        gen = out.sequences[:, inputs["input_ids"].shape[1] :]
+        decoded = self.processor.batch_decode(gen, skip_special_tokens=True)
+        tok = self.processor.tokenizer
+        eos = {tok.eos_token_id, tok.pad_token_id}
+        parts: list[list[Verdict]] = [[] for _ in batch]
+        for row, ((i, it), text) in enumerate(zip(expanded, decoded, strict=True)):
+            v = parse_output(text, self.taxonomy, image_only=it.modality is Modality.IMAGE)
+            tokens: list[str] = []
+            tops: list[dict[str, float]] = []
+            for step, scores in enumerate(out.scores):
+                tid = int(gen[row, step])
+                if tid in eos:
+                    break
+                lp = torch.log_softmax(scores[row].float(), dim=-1)
+                vals, ids = lp.topk(self.config.top_logprobs)
+                tokens.append(tok.decode([tid]))
+                tops.append({tok.decode([int(j)]): float(x) for x, j in zip(vals, ids, strict=True)})
+            v.p_unsafe = p_unsafe_from_logprobs(tokens, tops)
+            parts[i].append(v)
+        return [combine(p) for p in parts]
+
+    def close(self) -> None:
+        self.model = None

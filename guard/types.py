@@ -1,0 +1,65 @@
+"""What flows into and out of an engine: one ``ModerationItem`` in, one ``Verdict`` out, per post."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+from schemas.events import Modality
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationItem:
+    """A post ready for an engine: text and decoded, size-bounded RGB images (already fetched)."""
+
+    post_id: str
+    text: str | None
+    images: tuple[Image.Image, ...] = ()
+
+    @property
+    def modality(self) -> Modality:
+        has_text = bool(self.text and self.text.strip())
+        if self.images and has_text:
+            return Modality.TEXT_IMAGE
+        return Modality.IMAGE if self.images else Modality.TEXT
+
+
+@dataclass(slots=True)
+class Verdict:
+    """An engine's decision for one item. ``safe=None`` is an abstention (the engine cannot judge)."""
+
+    safe: bool | None
+    category: str | None = None  # taxonomy id of the main category, e.g. "C9"
+    subcategory: str | None = None  # taxonomy id of the subcategory, e.g. "C9S1"
+    novel_risk: str | None = None  # free-text description of an out-of-taxonomy risk
+    p_unsafe: float | None = None
+    category_similarity: float | None = None
+    reasoning: str | None = None
+    raw_output: str | None = None
+    parse_error: bool = False
+    abstained_reason: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class EngineError(RuntimeError):
+    """The engine failed on a whole batch (device error, server down...). The worker retries/bisects."""
+
+
+@runtime_checkable
+class GuardEngine(Protocol):
+    """A batched moderation backend.
+
+    ``moderate`` takes a whole micro-batch (mixed modalities) and returns one verdict per item, in
+    order. Backends that generate (vLLM, transformers, an OpenAI-compatible server) submit the batch in
+    one call so the GPU sees full batches; the CPU baseline embeds the batch in one forward pass.
+    """
+
+    name: str
+    model_version: str
+    policy_version: str
+
+    def moderate(self, batch: list[ModerationItem]) -> list[Verdict]: ...
+
+    def close(self) -> None: ...
