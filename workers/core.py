@@ -1,0 +1,310 @@
+"""The transport-agnostic heart of the worker.
+
+``prepare`` (decode → validate → fetch media → content hash → cache lookup) and ``infer`` (engine on
+the cache misses as one batch → cache write → events) turn consumed records into ``Outcome``s: the
+exact messages to publish for each record. The Kafka runner only moves bytes and commits; tests can
+drive this class with plain lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from guard.types import EngineError, GuardEngine, ModerationItem, Verdict
+from schemas.codec import DecodeError, decode_post
+from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, Scores, VerdictEvent
+from workers import metrics
+from workers.cache import VerdictCache, content_key
+from workers.media import MediaError, MediaFetcher
+from workers.settings import ParseErrorPolicy, Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Everything to publish for one consumed record (exactly one verdict or one dead letter)."""
+
+    record: Record
+    kind: str  # "verdict" | "dead_letter"
+    post_id: str | None
+    outputs: list[Output]
+    event: VerdictEvent | DeadLetterEvent
+
+
+@dataclass(slots=True)
+class Prepared:
+    record: Record
+    started: float
+    post: PostEvent | None = None
+    item: ModerationItem | None = None
+    key: str | None = None
+    cached: dict[str, Any] | None = None
+    error: tuple[ErrorCode, str, str] | None = None  # code, error class, message
+    verdict: Verdict | None = field(default=None)
+
+
+class Moderator:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: GuardEngine,
+        fetcher: MediaFetcher | None,
+        cache: VerdictCache | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.fetcher = fetcher
+        self.cache = cache
+        self._moderated = {
+            safe: metrics.MODERATED.labels(engine.name, label)
+            for safe, label in ((True, "safe"), (False, "unsafe"), (None, "abstain"))
+        }
+
+    # ---------------------------------------------------------------- prepare
+    def prepare(self, records: Sequence[Record]) -> list[Prepared]:
+        now = time.monotonic()
+        prepared = [Prepared(record=r, started=now) for r in records]
+        metrics.CONSUMED.inc(len(records))
+        for p in prepared:
+            try:
+                p.post = decode_post(p.record.value)
+            except DecodeError as exc:
+                p.error = (exc.code, "DecodeError", exc.message)
+        with_images = [p for p in prepared if p.post is not None and p.post.images]
+        if with_images:
+            if self.fetcher is None:
+                for p in with_images:
+                    p.error = (ErrorCode.S3_UNAVAILABLE, "ConfigError", "no media fetcher configured")
+            else:
+                fetched = self.fetcher.fetch_posts([p.post.image_refs for p in with_images if p.post])
+                for p, res in zip(with_images, fetched, strict=True):
+                    if isinstance(res, MediaError):
+                        p.error = (res.code, "MediaError", res.message)
+                    else:
+                        assert p.post is not None
+                        p.item = ModerationItem(p.post.post_id, p.post.text, tuple(f.image for f in res))
+                        p.key = self._key(p.post, [f.sha256 for f in res])
+        for p in prepared:
+            if p.post is not None and p.error is None and p.item is None:
+                p.item = ModerationItem(p.post.post_id, p.post.text)
+                p.key = self._key(p.post, [])
+        ready = [p for p in prepared if p.key is not None]
+        if self.cache is not None and ready:
+            for p, hit in zip(ready, self.cache.get_many([p.key for p in ready if p.key]), strict=True):
+                p.cached = hit
+        return prepared
+
+    def _key(self, post: PostEvent, digests: list[str]) -> str:
+        return content_key(
+            modality=post.modality.value,
+            text=post.text,
+            image_digests=digests,
+            engine=self.engine.name,
+            model_version=self.engine.model_version,
+            policy=self.engine.policy_version,
+        )
+
+    @staticmethod
+    def misses(prepared: Sequence[Prepared]) -> int:
+        return sum(1 for p in prepared if p.item is not None and p.cached is None and p.error is None)
+
+    # ---------------------------------------------------------------- infer
+    def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
+        todo = [p for p in prepared if p.error is None and p.item is not None and p.cached is None]
+        hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
+        metrics.CACHE_HITS.inc(hits)
+        metrics.CACHE_MISSES.inc(len(todo))
+        if todo:
+            self._run_engine(todo)
+            if self.settings.on_parse_error is ParseErrorPolicy.RETRY:
+                again = [p for p in todo if p.verdict is not None and p.verdict.parse_error]
+                for p in again:  # once more, alone
+                    self._run_engine([p])
+            to_cache: list[tuple[str, dict[str, Any]]] = []
+            for p in todo:
+                v = p.verdict
+                if v is None:
+                    continue
+                if v.parse_error:
+                    p.error = (
+                        ErrorCode.ENGINE_OUTPUT_UNPARSEABLE,
+                        "ParseError",
+                        f"{v.extra.get('parse_error_reason', 'unparseable')}; "
+                        f"raw={(v.raw_output or '')[:1500]!r}",
+                    )
+                elif p.key is not None:
+                    to_cache.append((p.key, _verdict_to_cache(v)))
+            if self.cache is not None:
+                self.cache.put_many(to_cache)
+        return [self._outcome(p) for p in prepared]
+
+    def _run_engine(self, items: list[Prepared]) -> None:
+        """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts."""
+        batch = [p.item for p in items if p.item is not None]
+        last: Exception | None = None
+        for attempt in range(self.settings.engine_retries + 1):
+            t0 = time.perf_counter()
+            try:
+                verdicts = self.engine.moderate(batch)
+                if len(verdicts) != len(batch):
+                    raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
+            except Exception as exc:
+                metrics.ENGINE_FAILURES.inc()
+                last = exc
+                log.warning("engine_batch_failed", size=len(batch), attempt=attempt, error=repr(exc)[:300])
+                continue
+            metrics.ENGINE_LATENCY.observe(time.perf_counter() - t0)
+            metrics.BATCH_SIZE.observe(len(batch))
+            for p, v in zip(items, verdicts, strict=True):
+                p.verdict = v
+            return
+        if len(items) == 1:
+            items[0].error = (ErrorCode.ENGINE_FAILED, type(last).__name__, repr(last)[:1000])
+            return
+        mid = len(items) // 2
+        self._run_engine(items[:mid])
+        self._run_engine(items[mid:])
+
+    # ---------------------------------------------------------------- events
+    def _outcome(self, p: Prepared) -> Outcome:
+        r = p.record
+        s = self.settings
+        if p.error is not None or p.post is None:
+            code, cls, msg = p.error or (ErrorCode.INVALID_EVENT, "Unknown", "no post")
+            dl = DeadLetterEvent(
+                post_id=p.post.post_id if p.post else _post_id_hint(r.value),
+                error_code=code,
+                error_class=cls,
+                message=msg,
+                source_topic=r.topic,
+                source_partition=r.partition,
+                source_offset=r.offset,
+                original_key_b64=DeadLetterEvent.encode_bytes(r.key),
+                original_value_b64=DeadLetterEvent.encode_bytes(r.value) or "",
+            )
+            metrics.DEAD_LETTERS.labels(code.value).inc()
+            log.info(
+                "post_dead_lettered",
+                post_id=dl.post_id,
+                topic=r.topic,
+                partition=r.partition,
+                offset=r.offset,
+                error_code=code.value,
+                reason=msg[:200],
+            )
+            return Outcome(r, "dead_letter", dl.post_id, [Output(s.dlq_topic, r.key, _dump(dl))], dl)
+        post = p.post
+        cache_hit = p.cached is not None
+        v = _verdict_from_cache(p.cached) if p.cached is not None else p.verdict
+        assert v is not None and p.key is not None
+        tax = getattr(self.engine, "taxonomy", None)
+        ev = VerdictEvent(
+            post_id=post.post_id,
+            author_id=post.author_id,
+            modality=post.modality,
+            safe=v.safe,
+            category=v.category,
+            category_name=tax.category_name(v.category) if tax else None,
+            subcategory=v.subcategory,
+            subcategory_name=tax.subcategory_name(v.subcategory) if tax else None,
+            novel_risk=v.novel_risk,
+            abstained_reason=v.abstained_reason,
+            parse_error=v.parse_error,
+            reasoning=v.reasoning if s.publish_reasoning else None,
+            raw_output=v.raw_output if s.publish_reasoning else None,
+            scores=Scores(p_unsafe=v.p_unsafe, category_similarity=v.category_similarity),
+            engine=self.engine.name,
+            model_version=self.engine.model_version,
+            policy_version=self.engine.policy_version,
+            content_hash=p.key,
+            cache_hit=cache_hit,
+            latency_ms=round((time.monotonic() - p.started) * 1000.0, 3),
+            source_topic=r.topic,
+            source_partition=r.partition,
+            source_offset=r.offset,
+            post_created_at=post.created_at,
+            decided_at=datetime.now(UTC),
+        )
+        key = post.post_id.encode()
+        outputs = [Output(s.verdicts_topic, key, _dump(ev))]
+        if ev.novel_risk or (ev.safe is False and ev.category is None):
+            outputs.append(Output(s.novel_risk_topic, key, outputs[0].value))
+            metrics.NOVEL_RISKS.inc()
+        self._moderated[ev.safe].inc()
+        created = post.created_at if post.created_at.tzinfo else post.created_at.replace(tzinfo=UTC)
+        metrics.E2E_LATENCY.observe(max(0.0, (datetime.now(UTC) - created).total_seconds()))
+        return Outcome(r, "verdict", post.post_id, outputs, ev)
+
+    def process(self, records: Sequence[Record]) -> list[Outcome]:
+        return self.infer(self.prepare(records))
+
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.engine.close()
+
+
+def _dump(ev: VerdictEvent | DeadLetterEvent) -> bytes:
+    return ev.model_dump_json().encode("utf-8")
+
+
+_CACHED_FIELDS = (
+    "safe",
+    "category",
+    "subcategory",
+    "novel_risk",
+    "p_unsafe",
+    "category_similarity",
+    "reasoning",
+    "raw_output",
+    "abstained_reason",
+)
+
+
+def _verdict_to_cache(v: Verdict) -> dict[str, Any]:
+    return {f: getattr(v, f) for f in _CACHED_FIELDS}
+
+
+def _verdict_from_cache(d: dict[str, Any]) -> Verdict:
+    v = Verdict(safe=d.get("safe"))
+    for f in _CACHED_FIELDS:
+        setattr(v, f, d.get(f))
+    return v
+
+
+def _post_id_hint(raw: bytes | None) -> str | None:
+    """Best effort post_id from an invalid event, for the dead letter (never raises)."""
+    import json
+
+    try:
+        obj = json.loads(raw or b"")
+    except Exception:
+        return None
+    pid = obj.get("post_id") if isinstance(obj, dict) else None
+    return pid[:256] if isinstance(pid, str) else None

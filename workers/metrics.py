@@ -1,0 +1,82 @@
+"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz`` (liveness: the main
+loop turned recently), ``/readyz`` (readiness: engine loaded and partitions assigned)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+CONSUMED = Counter("guardstream_consumed_total", "Posts consumed from the posts topic")
+MODERATED = Counter("guardstream_moderated_total", "Verdicts published", ["engine", "outcome"])
+CACHE_HITS = Counter("guardstream_cache_hits_total", "Verdict cache hits")
+CACHE_MISSES = Counter("guardstream_cache_misses_total", "Verdict cache misses")
+CACHE_ERRORS = Counter("guardstream_cache_errors_total", "Redis errors (moderation continued without cache)")
+DEAD_LETTERS = Counter("guardstream_dead_letters_total", "Posts dead-lettered", ["error_code"])
+NOVEL_RISKS = Counter("guardstream_novel_risks_total", "Verdicts carrying a novel-risk description")
+ENGINE_FAILURES = Counter("guardstream_engine_failures_total", "Engine batch failures (before retry/bisect)")
+BATCH_SIZE = Histogram(
+    "guardstream_engine_batch_size", "Items per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+ENGINE_LATENCY = Histogram("guardstream_engine_latency_seconds", "Engine call latency")
+E2E_LATENCY = Histogram(
+    "guardstream_e2e_latency_seconds",
+    "Post created_at to verdict decided",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+IN_FLIGHT = Gauge("guardstream_in_flight", "Posts consumed but not yet committed")
+CONSUMER_LAG = Gauge("guardstream_consumer_lag", "Records behind the partition end", ["topic", "partition"])
+COMMITS = Counter("guardstream_commits_total", "Offset commits after acknowledged publishes")
+
+
+class Health:
+    """Shared liveness/readiness state, updated by the worker loop."""
+
+    def __init__(self, stale_after_s: float = 120.0) -> None:
+        self.stale_after_s = stale_after_s
+        self.last_beat = time.monotonic()
+        self.ready = False
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        with self._lock:
+            self.last_beat = time.monotonic()
+
+    def alive(self) -> bool:
+        with self._lock:
+            return time.monotonic() - self.last_beat < self.stale_after_s
+
+
+HEALTH = Health()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *_a: Any) -> None:
+        pass
+
+    def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/metrics"):
+            self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+        elif self.path == "/healthz":
+            ok = HEALTH.alive()
+            self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
+        elif self.path == "/readyz":
+            self._reply(200 if HEALTH.ready else 503, b"ready\n" if HEALTH.ready else b"not ready\n")
+        else:
+            self._reply(404, b"not found\n")
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

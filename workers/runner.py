@@ -1,0 +1,336 @@
+"""The Kafka side: consume a micro-batch, hand it to the ``Moderator``, publish, then commit.
+
+Guarantee (default): at-least-once with no loss. Offsets are committed only after every message of
+the batch (verdicts, novel-risk copies, dead letters) has been acknowledged by the broker
+(``acks=all``, idempotent producer). A crash before the commit re-delivers the batch; the verdict
+cache makes the re-run cheap and gives identical verdicts.
+
+Pipelining: the engine runs on its own thread. While batch N is in the engine, the main thread
+consumes batch N+1, decodes it, fetches its images and looks it up in the cache, so the engine is
+fed again as soon as it finishes. Batches are published and committed strictly in order.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from workers import metrics
+from workers.core import Moderator, Outcome, Prepared, Record
+from workers.settings import DeliveryMode, Settings
+
+log = structlog.get_logger(__name__)
+
+
+class PublishError(RuntimeError):
+    """The broker did not acknowledge every message of a batch: nothing is committed."""
+
+
+@dataclass
+class RunStats:
+    consumed: int = 0
+    verdicts: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    commits: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def consumer_config(s: Settings) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": s.bootstrap_servers,
+        "group.id": s.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": s.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, s.session_timeout_ms // 4),
+        "isolation.level": "read_committed",
+        "partition.assignment.strategy": "range",
+        "log.connection.close": False,
+    }
+    cfg.update(s.kafka_extra)
+    return cfg
+
+
+def producer_config(s: Settings) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": s.bootstrap_servers,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "message.timeout.ms": int(s.produce_timeout_s * 1000),
+        "log.connection.close": False,
+    }
+    cfg.update(s.kafka_extra)
+    return cfg
+
+
+class KafkaWorker:
+    def __init__(self, settings: Settings, moderator: Moderator) -> None:
+        self.s = settings
+        self.moderator = moderator
+        self.consumer = Consumer(consumer_config(settings), logger=None)
+        self.transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
+        pcfg = producer_config(settings)
+        if self.transactional:
+            pcfg["transactional.id"] = (
+                settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
+            )
+        self.producer = Producer(pcfg)
+        if self.transactional:
+            # fences any zombie with the same id and aborts its open transaction
+            self.producer.init_transactions(settings.produce_timeout_s)
+        self._engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._pending: tuple[Future[list[Outcome]], list[Prepared]] | None = None
+        self._stop = threading.Event()
+        self._revoked: set[tuple[str, int]] = set()
+        self._assigned: set[tuple[str, int]] = set()
+        self.stats = RunStats()
+        self.keep_outcomes = False
+
+    # ------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _on_assign(self, _c: Consumer, parts: list[TopicPartition]) -> None:
+        self._assigned |= {(p.topic, p.partition) for p in parts}
+        metrics.HEALTH.ready = True
+        log.info("partitions_assigned", partitions=sorted(p.partition for p in parts))
+
+    def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
+        # Finish (publish + commit) the batch already in the engine while we still own its partitions;
+        # records being collected for the next batch are dropped uncommitted and re-delivered elsewhere.
+        log.info("partitions_revoked", partitions=sorted(p.partition for p in parts))
+        self._drain_pending()
+        lost = {(p.topic, p.partition) for p in parts}
+        self._revoked |= lost
+        self._assigned -= lost
+
+    def run(
+        self,
+        *,
+        until_drained: bool = False,
+        idle_timeout_s: float | None = None,
+        on_batch: Callable[[list[Outcome]], None] | None = None,
+    ) -> RunStats:
+        """Run until ``stop()`` (SIGTERM), or until every assigned partition is consumed to its end."""
+        self.consumer.subscribe([self.s.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._on_batch = on_batch
+        last_progress = time.monotonic()
+        last_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                metrics.HEALTH.beat()
+                if time.monotonic() - last_lag > self.s.lag_interval_s:
+                    self._update_lag()
+                    last_lag = time.monotonic()
+                window = self._collect()
+                if window:
+                    last_progress = time.monotonic()
+                # Wait for the engine to finish batch N, hand it batch N+1 at once (the GPU never waits
+                # on Kafka), then publish and commit batch N while N+1 runs.
+                finished = self._take_pending()
+                if window:
+                    self._pending = (self._engine_pool.submit(self.moderator.infer, window), window)
+                if finished is not None:
+                    self._publish_and_commit(*finished)
+                elif not window and until_drained and self._pending is None and self._at_end():
+                    break
+                if idle_timeout_s is not None and time.monotonic() - last_progress > idle_timeout_s:
+                    log.info("idle_timeout", seconds=idle_timeout_s)
+                    break
+            self._drain_pending()
+        finally:
+            metrics.HEALTH.ready = False
+            self.close()
+        return self.stats
+
+    def _update_lag(self) -> None:
+        """Consumer lag per owned partition (end offset minus committed position) for autoscaling."""
+        try:
+            assignment = self.consumer.assignment()
+            if not assignment:
+                return
+            for tp in self.consumer.position(assignment):
+                _lo, hi = self.consumer.get_watermark_offsets(tp, timeout=2, cached=True)
+                pos = tp.offset if tp.offset >= 0 else 0
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(hi - pos, 0))
+        except KafkaException as exc:
+            log.debug("lag_update_failed", error=str(exc))
+
+    # ------------------------------------------------------------ steps
+    def _collect(self) -> list[Prepared]:
+        """Consume and prepare records until ``max_batch_size`` cache misses or ``max_wait_ms`` passes."""
+        deadline = time.monotonic() + self.s.max_wait_ms / 1000.0
+        window: list[Prepared] = []
+        misses = 0
+        self._revoked.clear()
+        while misses < self.s.max_batch_size and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and window:
+                break
+            msgs = self.consumer.consume(self.s.max_batch_size - misses, max(remaining, 0.05))
+            records = [r for r in (self._to_record(m) for m in msgs) if r is not None]
+            if records:
+                prepared = self.moderator.prepare(records)
+                misses += Moderator.misses(prepared)
+                window.extend(prepared)
+                metrics.IN_FLIGHT.inc(len(records))
+            elif remaining <= 0:
+                break
+        if self._revoked:
+            window = [p for p in window if (p.record.topic, p.record.partition) not in self._revoked]
+        return window
+
+    def _to_record(self, m: Message) -> Record | None:
+        err = m.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return None
+            if err.fatal():
+                raise KafkaException(err)
+            log.warning("consumer_error", error=str(err))
+            return None
+        ts_type, ts = m.timestamp()
+        topic, partition, offset = m.topic(), m.partition(), m.offset()
+        assert topic is not None and partition is not None and offset is not None
+        return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
+
+    def _take_pending(self) -> tuple[list[Outcome], list[Prepared]] | None:
+        if self._pending is None:
+            return None
+        fut, window = self._pending
+        self._pending = None
+        return fut.result(), window
+
+    def _drain_pending(self) -> None:
+        finished = self._take_pending()
+        if finished is not None:
+            self._publish_and_commit(*finished)
+
+    def _publish_and_commit(self, outcomes: list[Outcome], window: list[Prepared]) -> None:
+        if self.transactional:
+            self._publish_transaction(outcomes)
+        else:
+            self._publish(outcomes)
+            self._commit(outcomes)
+        metrics.IN_FLIGHT.dec(len(window))
+        st = self.stats
+        st.batches += 1
+        st.consumed += len(outcomes)
+        st.verdicts += sum(1 for o in outcomes if o.kind == "verdict")
+        st.dead_letters += sum(1 for o in outcomes if o.kind == "dead_letter")
+        if self.keep_outcomes:
+            st.outcomes.extend(outcomes)
+        if self._on_batch is not None:
+            self._on_batch(outcomes)
+
+    def _publish(self, outcomes: list[Outcome]) -> None:
+        failures: list[str] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for o in outcomes:
+            for out in o.outputs:
+                while True:
+                    try:
+                        self.producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery)
+                        break
+                    except BufferError:
+                        self.producer.poll(0.1)
+        remaining = self.producer.flush(self.s.produce_timeout_s)
+        if remaining or failures:
+            raise PublishError(
+                f"{remaining} message(s) unacknowledged, {len(failures)} failed "
+                f"(first: {failures[0] if failures else 'timeout'}); offsets not committed"
+            )
+
+    @staticmethod
+    def _next_offsets(outcomes: list[Outcome]) -> list[TopicPartition]:
+        nxt: dict[tuple[str, int], int] = {}
+        for o in outcomes:
+            tp = (o.record.topic, o.record.partition)
+            nxt[tp] = max(nxt.get(tp, -1), o.record.offset + 1)
+        return [TopicPartition(t, p, off) for (t, p), off in nxt.items()]
+
+    def _publish_transaction(self, outcomes: list[Outcome]) -> None:
+        """Outputs and the consumed offsets in one transaction: all become visible to read_committed
+        readers together, or none do (a crash leaves the transaction to be aborted on restart)."""
+        offsets = self._next_offsets(outcomes)
+        try:
+            self.producer.begin_transaction()
+            for o in outcomes:
+                for out in o.outputs:
+                    self.producer.produce(out.topic, out.value, out.key)
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), self.s.produce_timeout_s
+                )
+            self.producer.commit_transaction(self.s.produce_timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and getattr(err, "txn_requires_abort", lambda: False)():
+                self.producer.abort_transaction(self.s.produce_timeout_s)
+            raise PublishError(f"transaction failed, nothing committed: {exc}") from exc
+        self.stats.commits += 1
+        metrics.COMMITS.inc()
+
+    def _commit(self, outcomes: list[Outcome]) -> None:
+        offsets = self._next_offsets(outcomes)
+        if not offsets:
+            return
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+        self.stats.commits += 1
+        metrics.COMMITS.inc()
+
+    def _at_end(self) -> bool:
+        """True when the group owns partitions and each one is consumed past its high watermark.
+
+        Called only after a consume returned nothing, i.e. the local fetch queue is empty. That matters
+        on Tansu, whose watermark is the last record *batch's* base offset + 1: passing it means part of
+        the last batch was delivered, and an empty queue means the rest of it was too.
+        """
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        positions = self.consumer.position(assignment)
+        unknown = [tp for tp in positions if tp.offset < 0]
+        known = {(tp.topic, tp.partition): tp.offset for tp in positions if tp.offset >= 0}
+        if unknown:
+            for tp in self.consumer.committed(unknown, timeout=5):
+                known[(tp.topic, tp.partition)] = max(tp.offset, 0)
+        for (topic, part), pos in known.items():
+            _lo, hi = self.consumer.get_watermark_offsets(
+                TopicPartition(topic, part), timeout=5, cached=False
+            )
+            if pos < hi:
+                return False
+        return True
+
+    def close(self) -> None:
+        self._engine_pool.shutdown(wait=True)
+        try:
+            self.consumer.close()
+        finally:
+            self.producer.flush(5)

@@ -1,0 +1,134 @@
+"""Validated settings from the environment (``GUARDSTREAM_*``) and CLI flags, with local defaults."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from guard.engines import EngineKind, EngineOptions
+from workers.clustering import ClusterConfig
+
+
+class DeliveryMode(StrEnum):
+    AT_LEAST_ONCE = "at-least-once"  # idempotent producer; offsets committed after every ack
+    EXACTLY_ONCE = "exactly-once"  # transactions: outputs and consumed offsets commit atomically
+
+
+class ParseErrorPolicy(StrEnum):
+    DLQ = "dlq"  # dead-letter the post with the raw output
+    RETRY = "retry"  # moderate it once more on its own, then dead-letter
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
+
+    # Kafka
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "guardstream-moderation"
+    posts_topic: str = "posts"
+    verdicts_topic: str = "verdicts"
+    novel_risk_topic: str = "novel-risks"
+    dlq_topic: str = "posts-dlq"
+    reviews_topic: str = "reviews"
+    alerts_topic: str = "alerts"
+
+    # Emerging-risk alerts (faust app)
+    alerts_app_id: str = "guardstream-alerts"
+    alert_window_s: int = Field(3600, ge=1)
+    alert_min_count: int = Field(20, ge=1)
+    alert_min_authors: int = Field(5, ge=1)
+    alert_min_growth: float = Field(3.0, ge=1.0)
+    alert_join_threshold: float = Field(0.45, gt=0.0, le=1.0)
+    alert_merge_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    delivery: DeliveryMode = DeliveryMode.AT_LEAST_ONCE
+    transactional_id: str | None = None  # default: "<group_id>-<hostname>"; must be stable per instance
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1_000
+    )  # an open transaction of a dead worker is aborted after
+    produce_timeout_s: float = Field(30.0, gt=0)
+    kafka_extra: dict[str, str] = Field(default_factory=dict)
+
+    # S3
+    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
+    s3_region: str = "us-east-1"
+    allowed_buckets: list[str] = Field(default_factory=lambda: ["guardstream-media"])
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    fetch_concurrency: int = Field(16, ge=1, le=256)
+    s3_max_attempts: int = Field(4, ge=1, le=10)
+
+    # Redis verdict cache
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    cache_enabled: bool = True
+
+    # Batching
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: int = Field(50, ge=0, le=60_000)
+
+    # Engine
+    engine: EngineKind = EngineKind.CPU
+    taxonomy_path: Path | None = None
+    on_parse_error: ParseErrorPolicy = ParseErrorPolicy.DLQ
+    engine_retries: int = Field(1, ge=0, le=5)
+    publish_reasoning: bool = False
+    cpu_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    vllm_model: str = "yushaohan/ProGuard-7B"  # local checkpoint directory or model id
+    vllm_model_revision: str | None = None
+    vllm_max_model_len: int = Field(8192, ge=1024)
+    vllm_gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
+    vllm_max_num_seqs: int = Field(128, ge=1)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28)
+    vllm_max_tokens: int = Field(1024, ge=16)
+    vllm_server_url: str = "http://127.0.0.1:8003/v1"
+    vllm_server_model: str = "ProGuard-7B"
+    vllm_server_api_key: str | None = None
+    vllm_server_concurrency: int = Field(64, ge=1, le=1024)
+    vllm_server_timeout_s: float = Field(120.0, gt=0)
+
+    # Operations
+    log_format: str = Field("auto", pattern="^(auto|json|console)$")
+    log_level: str = "INFO"
+    metrics_port: int | None = None
+    lag_interval_s: float = Field(10.0, gt=0)
+
+    def cluster_config(self) -> ClusterConfig:
+        return ClusterConfig(
+            join_threshold=self.alert_join_threshold,
+            merge_threshold=self.alert_merge_threshold,
+            window_s=self.alert_window_s,
+            min_count=self.alert_min_count,
+            min_authors=self.alert_min_authors,
+            min_growth=self.alert_min_growth,
+        )
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            taxonomy_path=self.taxonomy_path,
+            cpu_threshold=self.cpu_threshold,
+            model=self.vllm_model,
+            model_revision=self.vllm_model_revision,
+            max_model_len=self.vllm_max_model_len,
+            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            max_num_seqs=self.vllm_max_num_seqs,
+            tensor_parallel_size=self.vllm_tensor_parallel_size,
+            max_pixels=self.vllm_max_pixels,
+            max_tokens=self.vllm_max_tokens,
+            server_url=self.vllm_server_url,
+            server_model=self.vllm_server_model,
+            server_api_key=self.vllm_server_api_key,
+            server_concurrency=self.vllm_server_concurrency,
+            server_timeout_s=self.vllm_server_timeout_s,
+        )
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_csv(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [b.strip() for b in v.split(",") if b.strip()]
+        return v
