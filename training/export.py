@@ -1,0 +1,335 @@
+"""Export labeled topics to ProGuard-style RL training data (verl's RLHF dataset layout, as JSONL).
+
+Joins posts, verdicts and human reviews by post_id (a review overrides the model's label), dedups by
+content (text + image bytes), balances modalities to configurable ratios (ProGuard's dataset is
+modality-balanced), splits train/validation by time (content is deduplicated before the split, so no
+repost crosses splits), copies images from S3 into the dataset (or keeps their s3:// refs), and writes
+a dataset card.
+
+Each record carries what ProGuard's reward (train/verl/utils/reward_score/safety_grm.py) reads from
+``extra_info``: ``query_label``, ``response_label``, ``category`` (the taxonomy id, or "" for an
+out-of-taxonomy risk), ``original_category`` (its name / description), ``modality`` and
+``synonymous_phrase``; the prompt is ProGuard's own (guard/prompts.py) with one ``<image>`` placeholder
+per image, as verl's multimodal datasets expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from guard.chat import user_text
+from guard.prompts import PromptSet
+from schemas.codec import DecodeError, decode_post
+from schemas.events import Modality, PostEvent, ReviewEvent, VerdictEvent
+from training.synonyms import SynonymBank
+from workers.media import MediaError, MediaFetcher
+from workers.topics import read_records
+
+MODALITY_NAMES = {Modality.TEXT: "text", Modality.IMAGE: "image", Modality.TEXT_IMAGE: "text-image"}
+
+
+@dataclass
+class Label:
+    unsafe: bool
+    category: str | None  # taxonomy id
+    novel_risk: str | None
+    source: str  # "human" | "model"
+
+
+@dataclass
+class Sample:
+    post: PostEvent
+    label: Label
+    content_hash: str
+    image_files: list[str]
+
+    @property
+    def order(self) -> tuple[datetime, str]:
+        return (self.post.created_at, self.post.post_id)
+
+
+@dataclass
+class ExportReport:
+    posts_read: int = 0
+    unlabeled: int = 0
+    duplicates: int = 0
+    media_errors: int = 0
+    available: Counter[str] = field(default_factory=Counter)
+    selected: Counter[str] = field(default_factory=Counter)
+    splits: Counter[str] = field(default_factory=Counter)
+    label_sources: Counter[str] = field(default_factory=Counter)
+    categories: Counter[str] = field(default_factory=Counter)
+
+
+def parse_ratios(text: str) -> dict[str, float]:
+    """``"1:1:1"`` (text:image:text-image) or ``"text=2,image=1,text-image=1"``."""
+    names = ["text", "image", "text-image"]
+    if "=" in text:
+        vals = {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
+    else:
+        vals = dict(zip(names, (float(x) for x in text.split(":")), strict=True))
+    if set(vals) - set(names) or any(v < 0 for v in vals.values()) or not any(vals.values()):
+        raise ValueError(f"bad modality ratios {text!r}")
+    total = sum(vals.values())
+    return {k: vals.get(k, 0.0) / total for k in names}
+
+
+def balance(
+    groups: dict[str, list[Any]], ratios: dict[str, float], rng: random.Random
+) -> dict[str, list[Any]]:
+    """The largest selection whose modality counts follow ``ratios`` (random within a modality)."""
+    scale = min((len(groups.get(m, [])) / r for m, r in ratios.items() if r > 0), default=0.0)
+    out = {}
+    for m, items in groups.items():
+        k = math.floor(scale * ratios.get(m, 0.0) + 1e-9)
+        picked = list(items)
+        rng.shuffle(picked)
+        out[m] = picked[:k]
+    return out
+
+
+class TrainingExporter:
+    def __init__(
+        self,
+        bootstrap: str,
+        prompts: PromptSet,
+        fetcher: MediaFetcher | None,
+        *,
+        posts_topic: str,
+        verdicts_topic: str,
+        reviews_topic: str,
+        bank: SynonymBank | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prompts = prompts
+        self.tax = prompts.taxonomy
+        self.fetcher = fetcher
+        self.posts_topic, self.verdicts_topic, self.reviews_topic = posts_topic, verdicts_topic, reviews_topic
+        self.bank = bank or SynonymBank.from_taxonomy(prompts.taxonomy)
+
+    def _latest_verdicts(self) -> dict[str, VerdictEvent]:
+        out: dict[str, VerdictEvent] = {}
+        for r in read_records(self.bootstrap, self.verdicts_topic):
+            try:
+                v = VerdictEvent.model_validate_json(r.value or b"")
+            except ValueError:
+                continue
+            if v.post_id not in out or out[v.post_id].decided_at <= v.decided_at:
+                out[v.post_id] = v
+        return out
+
+    def _latest_reviews(self) -> dict[str, ReviewEvent]:
+        out: dict[str, ReviewEvent] = {}
+        for r in read_records(self.bootstrap, self.reviews_topic):
+            try:
+                v = ReviewEvent.model_validate_json(r.value or b"")
+            except ValueError:
+                continue
+            if v.post_id not in out or out[v.post_id].reviewed_at <= v.reviewed_at:
+                out[v.post_id] = v
+        return out
+
+    @staticmethod
+    def label_for(verdict: VerdictEvent | None, review: ReviewEvent | None) -> Label | None:
+        if review is not None:  # human labels override model labels
+            return Label(
+                review.unsafe,
+                review.category if review.unsafe else None,
+                review.novel_risk if review.unsafe else None,
+                "human",
+            )
+        if verdict is None or verdict.safe is None or verdict.parse_error:
+            return None
+        return Label(not verdict.safe, verdict.subcategory or verdict.category, verdict.novel_risk, "model")
+
+    def export(
+        self,
+        out_dir: Path,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        ratios: dict[str, float] | None = None,
+        val_fraction: float = 0.1,
+        copy_images: bool = True,
+        seed: int = 0,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> ExportReport:
+        ratios = ratios or parse_ratios("1:1:1")
+        rep = ExportReport()
+        verdicts, reviews = self._latest_verdicts(), self._latest_reviews()
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        by_hash: dict[str, Sample] = {}
+        for r in read_records(self.bootstrap, self.posts_topic):
+            if on_progress:
+                on_progress(1)
+            try:
+                post = decode_post(r.value)
+            except DecodeError:
+                continue
+            if (start and post.created_at < start) or (end and post.created_at > end):
+                continue
+            rep.posts_read += 1
+            label = self.label_for(verdicts.get(post.post_id), reviews.get(post.post_id))
+            if label is None:
+                rep.unlabeled += 1
+                continue
+            digests, files = [], []
+            try:
+                for ref in post.image_refs:
+                    if self.fetcher is None:
+                        raise MediaError(post_error_code(), "no media fetcher")
+                    img = self.fetcher.fetch_one(ref)
+                    digests.append(img.sha256)
+                    if copy_images:
+                        path = out_dir / "images" / f"{img.sha256}.png"
+                        if not path.exists():
+                            img.image.save(path, format="PNG")
+                        files.append(f"images/{img.sha256}.png")
+                    else:
+                        files.append(ref.uri())
+            except MediaError:
+                rep.media_errors += 1
+                continue
+            h = hashlib.sha256("\x00".join([post.text or "", *digests]).encode()).hexdigest()
+            smp = Sample(post, label, h, files)
+            prev = by_hash.get(h)
+            if prev is None:
+                by_hash[h] = smp
+                continue
+            # Partitions interleave in any order: keep the earliest post of the content (the original, not
+            # a repost) so the export does not depend on read order; a human label on any copy wins.
+            rep.duplicates += 1
+            keep, drop = (smp, prev) if smp.order < prev.order else (prev, smp)
+            if keep.label.source == "model" and drop.label.source == "human":
+                keep.label = drop.label
+            by_hash[h] = keep
+        groups: dict[str, list[Sample]] = {}
+        for smp in by_hash.values():
+            m = MODALITY_NAMES[smp.post.modality]
+            groups.setdefault(m, []).append(smp)
+            rep.available[m] += 1
+        chosen = [s for items in balance(groups, ratios, random.Random(seed)).values() for s in items]
+        chosen.sort(key=lambda s: s.order)
+        n_val = math.ceil(len(chosen) * val_fraction) if chosen and val_fraction > 0 else 0
+        splits = {"train": chosen[: len(chosen) - n_val], "validation": chosen[len(chosen) - n_val :]}
+        for split, items in splits.items():
+            with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+                for i, smp in enumerate(items):
+                    rec = self.record(smp, split, i)
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    m = rec["extra_info"]["modality"]
+                    rep.selected[m] += 1
+                    rep.splits[split] += 1
+                    rep.label_sources[smp.label.source] += 1
+                    rep.categories[
+                        rec["extra_info"]["category"]
+                        or ("safe" if not smp.label.unsafe else "out-of-taxonomy")
+                    ] += 1
+        self.write_card(out_dir, rep, ratios, val_fraction)
+        self.bank.save(out_dir / "synonym_bank.json")
+        return rep
+
+    def record(self, smp: Sample, split: str, index: int) -> dict[str, Any]:
+        post, lab = smp.post, smp.label
+        modality = post.modality
+        rendered = self.prompts.render(modality, post.text, len(smp.image_files))
+        category, name = "", ""
+        if lab.unsafe and lab.category and (res := self.tax.resolve(lab.category)):
+            # the text-image prompt asks for the main category (C*); the others for a subcategory (C*S*)
+            sub = None if modality is Modality.TEXT_IMAGE else res.subcategory
+            category = sub.id if sub else res.category.id
+            name = sub.name if sub else res.category.name
+        elif lab.unsafe:
+            name = lab.novel_risk or "Unspecified Emerging Risk"
+        synonyms = self.bank.synonyms(name) if name else []
+        answer = "\n".join(
+            [
+                "Request:unsafe" if lab.unsafe else "Request:safe",
+                *([] if modality is Modality.IMAGE else ["Response:safe"]),
+                f"Category:{category or name if lab.unsafe else 'None'}",
+            ]
+        )
+        return {
+            "data_source": "guardstream",
+            "prompt": [
+                {"role": "system", "content": rendered.system},
+                {"role": "user", "content": "<image>" * len(smp.image_files) + user_text(rendered)},
+            ],
+            "images": smp.image_files,
+            "ability": "safety",
+            "reward_model": {"style": "rule", "ground_truth": f"<answer>\n{answer}\n</answer>"},
+            "extra_info": {
+                "index": index,
+                "split": split,
+                "post_id": post.post_id,
+                "content_hash": smp.content_hash,
+                "modality": MODALITY_NAMES[modality],
+                "query_label": "unsafe" if lab.unsafe else "safe",
+                "response_label": "safe",
+                "category": category,
+                "original_category": name,
+                "synonymous_phrase": synonyms,
+                "label_source": lab.source,
+                "created_at": post.created_at.isoformat(),
+            },
+        }
+
+    def write_card(
+        self, out_dir: Path, rep: ExportReport, ratios: dict[str, float], val_fraction: float
+    ) -> None:
+        card = {
+            "policy_version": self.prompts.policy_version,
+            "posts_read": rep.posts_read,
+            "unlabeled_skipped": rep.unlabeled,
+            "duplicates_removed": rep.duplicates,
+            "media_errors": rep.media_errors,
+            "available_per_modality": dict(rep.available),
+            "target_ratios": ratios,
+            "selected_per_modality": dict(rep.selected),
+            "splits": dict(rep.splits),
+            "validation_fraction": val_fraction,
+            "label_sources": dict(rep.label_sources),
+            "categories": dict(rep.categories),
+        }
+        (out_dir / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
+        lines = [
+            "# guardstream training export",
+            "",
+            "ProGuard-style RL data (verl layout, JSONL): `train.jsonl`, `validation.jsonl`, `images/`,",
+            "`synonym_bank.json`. Human review labels override model labels; content is deduplicated",
+            "before a time-ordered train/validation split.",
+            "",
+            f"- policy version: `{self.prompts.policy_version}`",
+            f"- posts read: {rep.posts_read}; unlabeled skipped: {rep.unlabeled}; duplicates removed: "
+            f"{rep.duplicates}; media errors: {rep.media_errors}",
+            "",
+            "| modality | available | target ratio | selected |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {m} | {rep.available.get(m, 0)} | {ratios.get(m, 0):.2f} | {rep.selected.get(m, 0)} |"
+            for m in ("text", "image", "text-image")
+        ]
+        lines += ["", "| split | records |", "| --- | --- |"] + [
+            f"| {k} | {v} |" for k, v in rep.splits.items()
+        ]
+        lines += ["", "| label source | records |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in rep.label_sources.items()]
+        lines += ["", "| category | records |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(rep.categories.items())]
+        (out_dir / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def post_error_code() -> Any:
+    from schemas.events import ErrorCode
+
+    return ErrorCode.S3_UNAVAILABLE
