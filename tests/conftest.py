@@ -1,0 +1,83 @@
+"""Shared fixtures: the real local services (Tansu broker, moto S3 server, Redis) and the CPU engine.
+
+Services are started once per test session on free loopback ports; each test gets its own topic names
+and consumer group so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+import redis
+
+from guard.cpu import CpuEngine
+from guard.prompts import PromptSet
+from guard.taxonomy import Taxonomy
+from infra.stack import Broker, S3Server, create_topics, ensure_bucket, ensure_redis, free_port
+from workers.settings import Settings
+
+REDIS_URL = os.environ.get("GUARDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+BUCKET = "guardstream-media"
+
+
+@dataclass
+class Services:
+    broker: Broker
+    s3: S3Server
+    redis_url: str
+
+    def s3_client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3.endpoint, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    ensure_redis(REDIS_URL)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    broker = Broker(port=free_port(), log_path=tmp_path_factory.mktemp("broker") / "tansu.log").start()
+    s3 = S3Server(port=free_port()).start()
+    ensure_bucket(boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1"), BUCKET)
+    yield Services(broker, s3, REDIS_URL)
+    s3.stop()
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def prompts() -> PromptSet:
+    return PromptSet(Taxonomy.load())
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(prompts: PromptSet) -> CpuEngine:
+    return CpuEngine(prompts)
+
+
+@pytest.fixture
+def settings(services: Services) -> Settings:
+    """Settings with topics and group unique to this test; the topics already exist."""
+    sfx = uuid.uuid4().hex[:8]
+    s = Settings(
+        bootstrap_servers=services.broker.bootstrap,
+        group_id=f"gs-test-{sfx}",
+        posts_topic=f"posts-{sfx}",
+        verdicts_topic=f"verdicts-{sfx}",
+        novel_risk_topic=f"novel-{sfx}",
+        dlq_topic=f"dlq-{sfx}",
+        s3_endpoint_url=services.s3.endpoint,
+        allowed_buckets=[BUCKET],
+        redis_url=services.redis_url,
+        session_timeout_ms=6000,
+        max_batch_size=8,
+        max_wait_ms=50,
+        produce_timeout_s=10,
+    )
+    create_topics(
+        s.bootstrap_servers, {s.posts_topic: 3, s.verdicts_topic: 3, s.novel_risk_topic: 1, s.dlq_topic: 1}
+    )
+    return s

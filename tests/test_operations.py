@@ -1,0 +1,82 @@
+"""Operations: Prometheus metrics and health endpoints of a running worker; k8s manifests parse."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from guard.cpu import CpuEngine
+from infra.stack import free_port
+from tests.conftest import Services
+from workers.app import build_worker
+from workers.metrics import HEALTH, start_metrics_server
+from workers.sample_feed import post
+from workers.settings import Settings
+from workers.topics import produce_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pat = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.e+-]+)$", re.MULTILINE)
+    return sum(float(m) for m in pat.findall(text))
+
+
+@pytest.mark.integration
+def test_metrics_and_health_are_served(settings: Settings, services: Services, cpu_engine: CpuEngine) -> None:
+    port = free_port()
+    server = start_metrics_server(port, host="127.0.0.1")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        before = httpx.get(f"{base}/metrics").text
+        produce_all(
+            settings.bootstrap_servers,
+            settings.posts_topic,
+            [(None, post(f"m-{i}", "a", f"metrics post {i}")) for i in range(5)] + [(None, b"not json")],
+        )
+        ready_seen = threading.Event()
+
+        def on_batch(_outs: object) -> None:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                ready_seen.set()
+
+        build_worker(settings.model_copy(update={"lag_interval_s": 0.01}), cpu_engine).run(
+            until_drained=True, on_batch=on_batch
+        )
+        after = httpx.get(f"{base}/metrics").text
+        assert ready_seen.is_set(), "readiness was not reported while partitions were assigned"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/readyz").status_code == 503 and not HEALTH.ready  # stopped
+        assert metric(after, "guardstream_consumed_total") - metric(before, "guardstream_consumed_total") == 6
+        assert metric(after, "guardstream_dead_letters_total", '{error_code="invalid_json"}') >= 1
+        assert metric(after, "guardstream_moderated_total", '{engine="cpu-minilm",outcome="safe"}') >= 5
+        assert metric(after, "guardstream_engine_batch_size_count") > metric(
+            before, "guardstream_engine_batch_size_count"
+        )
+        assert metric(after, "guardstream_commits_total") > metric(before, "guardstream_commits_total")
+        assert "guardstream_consumer_lag{" in after
+        assert "guardstream_e2e_latency_seconds_bucket" in after
+    finally:
+        server.shutdown()
+
+
+def test_k8s_manifests() -> None:
+    docs = [
+        d for f in sorted((ROOT / "infra/k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d
+    ]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Deployment", "guardstream-worker") in kinds and ("ScaledObject", "guardstream-worker") in kinds
+    assert ("ConfigMap", "guardstream-config") in kinds and ("Deployment", "proguard-vllm") in kinds
+    vllm = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "proguard-vllm")
+    spec = vllm["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] and spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    cfg = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    for key in cfg:  # every ConfigMap key is a real setting
+        assert key.removeprefix("GUARDSTREAM_").lower() in Settings.model_fields, key
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert scaled["spec"]["triggers"][0]["type"] == "kafka"
