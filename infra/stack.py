@@ -52,11 +52,13 @@ def wait_for_port(
 
 @dataclass
 class Broker:
-    """A Tansu broker subprocess. ``storage`` is ``memory://tansu/`` or a ``postgres://`` URL."""
+    """A Tansu broker subprocess. ``storage`` is ``memory://tansu/`` or, durable, ``s3://BUCKET/`` (with
+    ``AWS_ENDPOINT``/``AWS_ALLOW_HTTP`` in ``env`` for MinIO or moto)."""
 
     port: int = 9092
     storage: str = "memory://tansu/"
     log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. AWS_ENDPOINT for s3:// storage on MinIO/moto
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +84,7 @@ class Broker:
             ],
             stdout=logf,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
         )
         wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
         log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage.split("@")[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from guard.parser import parse_output
@@ -47,6 +48,32 @@ class RawOutputEngine:
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
         self.calls += 1
         return [parse_output(self.respond(it, self.calls), self.taxonomy) for it in batch]
+
+    def close(self) -> None:
+        pass
+
+
+class GatedEngine:
+    """Delegates to a real engine; its first batch is held until ``release`` is set (a GPU stuck on a
+    long batch), or for ``hold_s`` at most. ``entered`` is set when that batch arrives."""
+
+    def __init__(self, inner: GuardEngine, hold_s: float = 60.0) -> None:
+        self.inner, self.hold_s = inner, hold_s
+        self.name, self.model_version, self.policy_version = (
+            inner.name,
+            inner.model_version,
+            inner.policy_version,
+        )
+        self.taxonomy = getattr(inner, "taxonomy", None)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls: list[int] = []
+
+    def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
+        self.calls.append(len(batch))
+        if len(self.calls) == 1:
+            self.entered.set()
+            self.release.wait(self.hold_s)
+        return self.inner.moderate(batch)
 
     def close(self) -> None:
         pass

@@ -79,13 +79,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import build_worker
     from workers.metrics import start_metrics_server
+    from workers.runner import BrokerUnavailable, PublishError
 
     s = _settings(args)
     if s.metrics_port:
         start_metrics_server(s.metrics_port)
     worker = build_worker(s)
     worker.install_signal_handlers()
-    stats = worker.run(until_drained=args.until_drained)
+    try:
+        stats = worker.run(until_drained=args.until_drained)
+    except (BrokerUnavailable, PublishError) as exc:
+        # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
+        log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
+        return 3
     log.info(
         "worker_stopped",
         consumed=stats.consumed,
@@ -574,7 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(up)
     up.add_argument("--broker-port", type=int, default=9092)
     up.add_argument("--s3-port", type=int, default=9000)
-    up.add_argument("--storage", default="memory://tansu/", help="memory://tansu/ (default) or s3://BUCKET/ (durable; needs AWS_ENDPOINT for MinIO/moto)")
+    up.add_argument(
+        "--storage",
+        default="memory://tansu/",
+        help="memory://tansu/ (default) or s3://BUCKET/ (durable; needs AWS_ENDPOINT for MinIO/moto)",
+    )
     up.set_defaults(func=cmd_up)
 
     w = sub.add_parser("worker", help="run the moderation worker")

@@ -30,6 +30,10 @@ E2E_LATENCY = Histogram(
 IN_FLIGHT = Gauge("guardstream_in_flight", "Posts consumed but not yet committed")
 CONSUMER_LAG = Gauge("guardstream_consumer_lag", "Records behind the partition end", ["topic", "partition"])
 COMMITS = Counter("guardstream_commits_total", "Offset commits after acknowledged publishes")
+BROKER_DOWN_SECONDS = Gauge(
+    "guardstream_broker_down_seconds", "How long the broker has been unreachable (0: up)"
+)
+PAUSED_PARTITIONS = Gauge("guardstream_paused_partitions", "Partitions paused for backpressure")
 
 
 class Health:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -34,6 +35,27 @@ log = structlog.get_logger(__name__)
 
 class PublishError(RuntimeError):
     """The broker did not acknowledge every message of a batch: nothing is committed."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered for longer than ``broker_deadline_s``: the worker gives up (nothing is lost:
+    uncommitted posts are re-delivered to whoever consumes the partitions next)."""
+
+
+# librdkafka errors that mean "cannot reach the cluster" (it reconnects by itself; we only time it)
+_UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+_COORDINATOR_AWAY = _UNREACHABLE | {
+    KafkaError._WAIT_COORD,
+    KafkaError._TIMED_OUT,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+}
+
+
+def _retriable(err: KafkaError) -> bool:
+    return bool(err.retriable()) or err.code() in _COORDINATOR_AWAY
 
 
 @dataclass
@@ -56,6 +78,7 @@ def consumer_config(s: Settings) -> dict[str, Any]:
         "session.timeout.ms": s.session_timeout_ms,
         "heartbeat.interval.ms": max(500, s.session_timeout_ms // 4),
         "isolation.level": "read_committed",
+        "enable.partition.eof": True,  # tells --until-drained runs where each partition ends
         "partition.assignment.strategy": "range",
         "log.connection.close": False,
     }
@@ -80,9 +103,11 @@ class KafkaWorker:
     def __init__(self, settings: Settings, moderator: Moderator) -> None:
         self.s = settings
         self.moderator = moderator
-        self.consumer = Consumer(consumer_config(settings), logger=None)
+        self._broker_down_since: float | None = None
+        self._next_probe = 0.0
+        self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error}, logger=None)
         self.transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
-        pcfg = producer_config(settings)
+        pcfg = {**producer_config(settings), "error_cb": self._on_kafka_error}
         if self.transactional:
             pcfg["transactional.id"] = (
                 settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
@@ -93,6 +118,9 @@ class KafkaWorker:
             self.producer.init_transactions(settings.produce_timeout_s)
         self._engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._pending: tuple[Future[list[Outcome]], list[Prepared]] | None = None
+        self._paused = False
+        self._eof: set[tuple[str, int]] = set()  # partitions consumed to their end (EOF since last record)
+        self._carry: list[Message] = []  # consumed while paused (a newly assigned partition), not yet used
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
         self._assigned: set[tuple[str, int]] = set()
@@ -111,8 +139,58 @@ class KafkaWorker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def _on_assign(self, _c: Consumer, parts: list[TopicPartition]) -> None:
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """librdkafka's client-level errors (served on the main thread, from consume/flush)."""
+        if err.code() in _UNREACHABLE:
+            if self._broker_down_since is None:
+                self._broker_down_since = time.monotonic()
+                log.warning(
+                    "broker_unreachable_retrying",
+                    error=err.str(),
+                    deadline_s=self.s.broker_deadline_s,
+                    bootstrap=self.s.bootstrap_servers,
+                )
+        else:
+            log.warning("kafka_client_error", error=err.str(), code=err.code())
+
+    def _check_broker(self) -> None:
+        """While the broker is marked unreachable, probe it (at most once a second); give up past the
+        deadline. A positive probe is needed because an idle consumer gets no other sign of recovery."""
+        since = self._broker_down_since
+        now = time.monotonic()
+        if since is None or now < self._next_probe:
+            return
+        self._next_probe = now + 1.0
+        try:
+            self.consumer.list_topics(self.s.posts_topic, timeout=1.0)
+        except KafkaException as exc:
+            down_for = time.monotonic() - since
+            metrics.BROKER_DOWN_SECONDS.set(down_for)
+            if down_for > self.s.broker_deadline_s:
+                log.error(
+                    "broker_unavailable_giving_up",
+                    down_for_s=round(down_for, 1),
+                    deadline_s=self.s.broker_deadline_s,
+                    bootstrap=self.s.bootstrap_servers,
+                    error=str(exc),
+                )
+                raise BrokerUnavailable(
+                    f"no broker at {self.s.bootstrap_servers} answered for {down_for:.0f}s "
+                    f"(deadline {self.s.broker_deadline_s:g}s)"
+                ) from None
+            return
+        log.info("broker_reachable_again", down_for_s=round(time.monotonic() - since, 1))
+        metrics.BROKER_DOWN_SECONDS.set(0)
+        self._broker_down_since = None
+
+    def _on_assign(self, c: Consumer, parts: list[TopicPartition]) -> None:
         self._assigned |= {(p.topic, p.partition) for p in parts}
+        self._eof -= {(p.topic, p.partition) for p in parts}
+        # librdkafka keeps a partition's pause flag across revoke/assign: set it to what we want now
+        if self._paused:
+            c.pause(parts)
+        else:
+            c.resume(parts)
         metrics.HEALTH.ready = True
         log.info("partitions_assigned", partitions=sorted(p.partition for p in parts))
 
@@ -124,6 +202,8 @@ class KafkaWorker:
         lost = {(p.topic, p.partition) for p in parts}
         self._revoked |= lost
         self._assigned -= lost
+        self._eof -= lost
+        self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in lost]
 
     def run(
         self,
@@ -140,6 +220,7 @@ class KafkaWorker:
         try:
             while not self._stop.is_set():
                 metrics.HEALTH.beat()
+                self._check_broker()
                 if time.monotonic() - last_lag > self.s.lag_interval_s:
                     self._update_lag()
                     last_lag = time.monotonic()
@@ -149,6 +230,7 @@ class KafkaWorker:
                 # Wait for the engine to finish batch N, hand it batch N+1 at once (the GPU never waits
                 # on Kafka), then publish and commit batch N while N+1 runs.
                 finished = self._take_pending()
+                window = self._drop_revoked(window)  # a rebalance may have run while we waited
                 if window:
                     self._pending = (self._engine_pool.submit(self.moderator.infer, window), window)
                 if finished is not None:
@@ -188,7 +270,10 @@ class KafkaWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0 and window:
                 break
-            msgs = self.consumer.consume(self.s.max_batch_size - misses, max(remaining, 0.05))
+            if self._carry:
+                msgs, self._carry = self._carry, []
+            else:
+                msgs = self.consumer.consume(self.s.max_batch_size - misses, max(remaining, 0.05))
             records = [r for r in (self._to_record(m) for m in msgs) if r is not None]
             if records:
                 prepared = self.moderator.prepare(records)
@@ -197,14 +282,22 @@ class KafkaWorker:
                 metrics.IN_FLIGHT.inc(len(records))
             elif remaining <= 0:
                 break
-        if self._revoked:
-            window = [p for p in window if (p.record.topic, p.record.partition) not in self._revoked]
-        return window
+        return self._drop_revoked(window)
+
+    def _drop_revoked(self, window: list[Prepared]) -> list[Prepared]:
+        """Records of partitions revoked since they were consumed: not ours to publish any more (they are
+        uncommitted, so the partition's new owner consumes them again)."""
+        if not self._revoked:
+            return window
+        kept = [p for p in window if (p.record.topic, p.record.partition) not in self._revoked]
+        metrics.IN_FLIGHT.dec(len(window) - len(kept))
+        return kept
 
     def _to_record(self, m: Message) -> Record | None:
         err = m.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
+                self._eof.add((m.topic() or "", m.partition() or 0))
                 return None
             if err.fatal():
                 raise KafkaException(err)
@@ -213,19 +306,58 @@ class KafkaWorker:
         ts_type, ts = m.timestamp()
         topic, partition, offset = m.topic(), m.partition(), m.offset()
         assert topic is not None and partition is not None and offset is not None
+        self._eof.discard((topic, partition))
         return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
 
     def _take_pending(self) -> tuple[list[Outcome], list[Prepared]] | None:
-        if self._pending is None:
+        """Wait for the batch in the engine. A slow engine does not make the worker read ahead: after
+        ``pause_after_s`` the owned partitions are paused, and the consumer keeps being served (group
+        membership, rebalances, error callbacks) without taking on new posts until the engine is done."""
+        pending = self._pending
+        if pending is None:
             return None
-        fut, window = self._pending
+        fut, window = pending
+        if not self._wait(fut, self.s.pause_after_s):
+            self._wait_paused(fut)
+            if self._pending is not pending:  # a revoke during the wait already published it
+                return None
         self._pending = None
         return fut.result(), window
 
+    @staticmethod
+    def _wait(fut: Future[list[Outcome]], timeout: float) -> bool:
+        return bool(futures_wait([fut], timeout=timeout).done)
+
+    def _wait_paused(self, fut: Future[list[Outcome]]) -> None:
+        paused = self.consumer.assignment()
+        self.consumer.pause(paused)
+        self._paused = True  # partitions assigned during the wait are paused too (see _on_assign)
+        metrics.PAUSED_PARTITIONS.set(len(paused))
+        log.info(
+            "engine_slow_partitions_paused",
+            partitions=len(paused),
+            in_flight=len(self._pending[1]) if self._pending else 0,
+        )
+        try:
+            while not self._wait(fut, 0.1):
+                self._check_broker()
+                # Paused partitions deliver nothing; a partition assigned meanwhile may: keep its records.
+                room = self.s.max_batch_size - len(self._carry)
+                if room > 0:
+                    self._carry.extend(self.consumer.consume(room, 0.1))
+        finally:
+            self._paused = False
+            self.consumer.resume(self.consumer.assignment())
+            metrics.PAUSED_PARTITIONS.set(0)
+
     def _drain_pending(self) -> None:
-        finished = self._take_pending()
-        if finished is not None:
-            self._publish_and_commit(*finished)
+        """Publish and commit the batch in the engine, waiting for it as long as it takes (shutdown,
+        partition revoke: the batch is finished while this worker still owns its partitions)."""
+        if self._pending is None:
+            return
+        fut, window = self._pending
+        self._pending = None
+        self._publish_and_commit(fut.result(), window)
 
     def _publish_and_commit(self, outcomes: list[Outcome], window: list[Prepared]) -> None:
         if self.transactional:
@@ -297,36 +429,31 @@ class KafkaWorker:
         metrics.COMMITS.inc()
 
     def _commit(self, outcomes: list[Outcome]) -> None:
+        """Synchronous offset commit; a coordinator that is away (broker restart, failover) is retried
+        until ``broker_deadline_s``. Losing the partitions (fenced generation) is not retried: raise."""
         offsets = self._next_offsets(outcomes)
         if not offsets:
             return
-        self.consumer.commit(offsets=offsets, asynchronous=False)
+        give_up = time.monotonic() + self.s.broker_deadline_s
+        while True:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                break
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError) or not _retriable(err) or time.monotonic() > give_up:
+                    raise
+                log.warning("commit_retrying", error=err.str())
+                self._stop.wait(0.5)  # backoff, not synchronization
         self.stats.commits += 1
         metrics.COMMITS.inc()
 
     def _at_end(self) -> bool:
-        """True when the group owns partitions and each one is consumed past its high watermark.
-
-        Called only after a consume returned nothing, i.e. the local fetch queue is empty. That matters
-        on Tansu, whose watermark is the last record *batch's* base offset + 1: passing it means part of
-        the last batch was delivered, and an empty queue means the rest of it was too.
-        """
+        """True when the group owns partitions and each one has reported end-of-partition since the
+        last record it delivered. librdkafka's EOF event is exact on Tansu, whose high watermark (the
+        last record *batch's* base offset + 1) cannot be compared with positions or committed offsets."""
         assignment = self.consumer.assignment()
-        if not assignment:
-            return False
-        positions = self.consumer.position(assignment)
-        unknown = [tp for tp in positions if tp.offset < 0]
-        known = {(tp.topic, tp.partition): tp.offset for tp in positions if tp.offset >= 0}
-        if unknown:
-            for tp in self.consumer.committed(unknown, timeout=5):
-                known[(tp.topic, tp.partition)] = max(tp.offset, 0)
-        for (topic, part), pos in known.items():
-            _lo, hi = self.consumer.get_watermark_offsets(
-                TopicPartition(topic, part), timeout=5, cached=False
-            )
-            if pos < hi:
-                return False
-        return True
+        return bool(assignment) and all((tp.topic, tp.partition) in self._eof for tp in assignment)
 
     def close(self) -> None:
         self._engine_pool.shutdown(wait=True)
@@ -334,3 +461,6 @@ class KafkaWorker:
             self.consumer.close()
         finally:
             self.producer.flush(5)
+            # the clients hold our error callback (a cycle the C extension's objects keep alive):
+            # drop them so the producer's threads stop now instead of reconnecting forever
+            del self.producer, self.consumer

@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     transaction_timeout_ms: int = Field(
         60_000, ge=1_000
     )  # an open transaction of a dead worker is aborted after
-    produce_timeout_s: float = Field(30.0, gt=0)
+    produce_timeout_s: float = Field(30.0, gt=0)  # broker acks for one batch; then exit, nothing committed
+    broker_deadline_s: float = Field(120.0, gt=0)  # broker unreachable this long: exit non-zero (code 3)
     kafka_extra: dict[str, str] = Field(default_factory=dict)
 
     # S3
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
+    pause_after_s: float = Field(1.0, gt=0)  # engine busy this long: pause partitions (backpressure)
 
     # Engine
     engine: EngineKind = EngineKind.CPU

@@ -1,0 +1,218 @@
+"""Broker outages, broker restarts on durable storage, a slow engine and a rebalance during a slow batch,
+all on the real broker (Tansu), S3 server (moto) and Redis. Counts are printed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+from structlog.testing import capture_logs
+
+from guard.cpu import CpuEngine
+from infra.stack import Broker, create_topics, ensure_bucket
+from tests.conftest import Services
+from tests.engines import GatedEngine
+from workers import metrics
+from workers.app import build_moderator, build_worker
+from workers.core import Outcome
+from workers.runner import BrokerUnavailable, KafkaWorker
+from workers.sample_feed import post
+from workers.settings import Settings
+from workers.topics import produce_all, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def feed(s: Settings, n: int, tag: str) -> set[str]:
+    ids = [f"{tag}{i}" for i in range(n)]
+    produce_all(
+        s.bootstrap_servers,
+        s.posts_topic,
+        [
+            (None, post(pid, f"a{i % 7}", f"{tag} post {i} about a walk in the park"))
+            for i, pid in enumerate(ids)
+        ],
+    )
+    return set(ids)
+
+
+def verdict_counts(s: Settings) -> Counter[str]:
+    return Counter(json.loads(v)["post_id"] for v in read_topic(s.bootstrap_servers, s.verdicts_topic))
+
+
+def own_broker_settings(settings: Settings, broker: Broker, **kw: Any) -> Settings:
+    s = settings.model_copy(update={"bootstrap_servers": broker.bootstrap, **kw})
+    create_topics(
+        s.bootstrap_servers, {s.posts_topic: 3, s.verdicts_topic: 3, s.novel_risk_topic: 1, s.dlq_topic: 1}
+    )
+    return s
+
+
+@pytest.fixture
+def memory_broker(tmp_path: Path) -> Iterator[Broker]:
+    from infra.stack import free_port
+
+    b = Broker(port=free_port(), log_path=tmp_path / "tansu.log").start()
+    yield b
+    b.stop()
+
+
+def test_broker_outage_past_the_deadline_exits_with_a_clear_error(
+    settings: Settings, memory_broker: Broker, cpu_engine: CpuEngine
+) -> None:
+    s = own_broker_settings(settings, memory_broker, broker_deadline_s=3.0)
+    ids = feed(s, 12, "down")
+    worker = build_worker(s, cpu_engine)
+    killed_at: list[float] = []
+
+    def on_batch(_outs: list[Outcome]) -> None:
+        if worker.stats.consumed == len(ids) and not killed_at:  # everything published and committed
+            memory_broker.stop(kill=True)
+            killed_at.append(time.monotonic())
+
+    with capture_logs() as logs, pytest.raises(BrokerUnavailable, match="deadline 3s"):
+        worker.run(idle_timeout_s=60, on_batch=on_batch)
+    waited = time.monotonic() - killed_at[0]
+    events = [e["event"] for e in logs]
+    print(f"broker-outage: posts={len(ids)} published={worker.stats.verdicts} gave up after {waited:.1f}s")
+    assert worker.stats.verdicts == len(ids)
+    assert 3.0 <= waited < 20.0
+    assert "broker_unreachable_retrying" in events and "broker_unavailable_giving_up" in events
+
+
+class ObservedWorker(KafkaWorker):
+    """Records what the worker did around a slow engine batch (pauses, revokes)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.paused_in_flight: list[float] = []
+        self.revoking = threading.Event()
+        self.broker_down = threading.Event()
+
+    def _wait_paused(self, fut: Future[list[Outcome]]) -> None:
+        self.paused_in_flight.append(metrics.IN_FLIGHT._value.get())
+        super()._wait_paused(fut)
+
+    def _on_kafka_error(self, err: Any) -> None:
+        super()._on_kafka_error(err)
+        if self._broker_down_since is not None:
+            self.broker_down.set()
+
+    def _on_revoke(self, c: Any, parts: list[TopicPartition]) -> None:
+        self.revoking.set()
+        super()._on_revoke(c, parts)
+
+
+def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
+    settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
+) -> None:
+    """Tansu on s3:// storage (the moto server): kill -9 the broker while the worker is running, start
+    it again on the same storage once the worker has noticed; the worker rides the outage out (it is
+    shorter than the deadline) and every post ends with exactly one verdict."""
+    from infra.stack import free_port
+
+    bucket = f"tansu-{uuid.uuid4().hex[:8]}"
+    ensure_bucket(services.s3_client(), bucket)
+    env = {"AWS_ENDPOINT": services.s3.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+    broker = Broker(port=free_port(), storage=f"s3://{bucket}/", log_path=tmp_path / "tansu.log", env=env)
+    broker.start()
+    try:
+        s = own_broker_settings(settings, broker, broker_deadline_s=60.0, cache_enabled=False)
+        ids = feed(s, 120, "durable")
+        worker = ObservedWorker(s, build_moderator(s, cpu_engine))
+        halfway, restarted = threading.Event(), threading.Event()
+
+        def restart() -> None:
+            halfway.wait(120)
+            broker.stop(kill=True)
+            worker.broker_down.wait(60)
+            broker.start()
+            restarted.set()
+
+        t = threading.Thread(target=restart, daemon=True)
+        t.start()
+
+        def on_batch(_outs: list[Outcome]) -> None:
+            if worker.stats.consumed >= len(ids) // 3:
+                halfway.set()
+
+        with capture_logs() as logs:
+            worker.run(until_drained=True, on_batch=on_batch)
+        t.join(60)
+        events = [e["event"] for e in logs]
+        assert restarted.is_set() and worker.broker_down.is_set(), "the outage was never noticed"
+        assert "broker_reachable_again" in events and "broker_unavailable_giving_up" not in events
+        if worker.stats.consumed < len(ids):  # drained before the restart finished: run again to the end
+            build_worker(s, cpu_engine).run(until_drained=True)
+        counts = verdict_counts(s)
+        lost = ids - set(counts)
+        duplicated = sum(c - 1 for c in counts.values())
+        print(f"broker-restart[s3://]: posts={len(ids)} restarts=1 lost={len(lost)} duplicated={duplicated}")
+        assert not lost, sorted(lost)[:10]
+        assert set(counts) == ids
+    finally:
+        broker.stop()
+
+
+def test_slow_engine_pauses_partitions_and_keeps_group_membership(
+    settings: Settings, cpu_engine: CpuEngine
+) -> None:
+    """The first batch takes longer than max.poll.interval.ms: a worker that stopped polling would be
+    thrown out of the group and fail its commit; this one pauses, keeps polling and commits."""
+    s = settings.model_copy(
+        update={"pause_after_s": 0.2, "kafka_extra": {"max.poll.interval.ms": "7000"}, "cache_enabled": False}
+    )
+    ids = feed(s, 40, "slow")
+    engine = GatedEngine(cpu_engine, hold_s=9.0)  # never released: a 9 s batch
+    before = metrics.IN_FLIGHT._value.get()
+    worker = ObservedWorker(s, build_moderator(s, engine))
+    stats = worker.run(until_drained=True)
+    counts = verdict_counts(s)
+    print(f"slow-engine: posts={len(ids)} pauses={len(worker.paused_in_flight)} batches={stats.batches}")
+    assert worker.paused_in_flight, "the worker never paused its partitions"
+    # while paused: one batch in the engine and at most one more collected, nothing read beyond that
+    assert max(worker.paused_in_flight) - before <= 2 * s.max_batch_size
+    assert set(counts) == ids and max(counts.values()) == 1
+
+
+def test_rebalance_during_a_slow_batch_publishes_it_once(settings: Settings, cpu_engine: CpuEngine) -> None:
+    s = settings.model_copy(update={"pause_after_s": 0.1, "cache_enabled": False})
+    ids = feed(s, 60, "reb")
+    gated = GatedEngine(cpu_engine)
+    first = ObservedWorker(s, build_moderator(s, gated))
+    second = build_worker(s, cpu_engine)
+    errors: list[BaseException] = []
+
+    def run(w: KafkaWorker) -> None:
+        try:
+            w.run(until_drained=True)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    t1 = threading.Thread(target=run, args=(first,))
+    t1.start()
+    assert gated.entered.wait(60), "the first batch never reached the engine"
+    t2 = threading.Thread(target=run, args=(second,))
+    t2.start()  # joins the group: the first worker must give up partitions while its batch is in the engine
+    assert first.revoking.wait(60), "no rebalance while the engine was busy"
+    gated.release.set()
+    t1.join(120)
+    t2.join(120)
+    assert not t1.is_alive() and not t2.is_alive() and not errors, errors
+    counts = verdict_counts(s)
+    lost, duplicated = ids - set(counts), sum(c - 1 for c in counts.values())
+    print(
+        f"rebalance: posts={len(ids)} first={first.stats.consumed} second={second.stats.consumed} "
+        f"lost={len(lost)} duplicated={duplicated}"
+    )
+    assert not lost and duplicated == 0
+    assert second.stats.consumed > 0
