@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 import structlog
+from pydantic_core import from_json, to_json
 
 from workers import metrics
 
@@ -71,7 +71,7 @@ class VerdictCache:
         out: list[dict[str, Any] | None] = []
         for r in raw:
             try:
-                out.append(json.loads(r) if r is not None else None)
+                out.append(from_json(r) if r is not None else None)
             except (ValueError, TypeError):
                 out.append(None)
         return out
@@ -83,7 +83,7 @@ class VerdictCache:
         try:
             self._set_many(
                 keys=[KEY_PREFIX + k for k, _ in entries],
-                args=[self._ttl, *(json.dumps(v, separators=(",", ":")) for _, v in entries)],
+                args=[self._ttl, *(to_json(v) for _, v in entries)],
             )
         except redis.RedisError as exc:
             self._mark(False, exc)

@@ -134,16 +134,32 @@ class Moderator:
 
     # ---------------------------------------------------------------- infer
     def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
-        todo = [p for p in prepared if p.error is None and p.item is not None and p.cached is None]
-        hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
-        metrics.CACHE_HITS.inc(hits)
-        metrics.CACHE_MISSES.inc(len(todo))
+        self.moderate(prepared)
+        return self.finish(prepared)
+
+    @staticmethod
+    def _todo(prepared: Sequence[Prepared]) -> list[Prepared]:
+        return [p for p in prepared if p.error is None and p.item is not None and p.cached is None]
+
+    def moderate(self, prepared: Sequence[Prepared]) -> None:
+        """The engine step: the model call on the cache misses, nothing else. The runner calls it on its
+        engine thread, where a GPU engine waits with the GIL released; all the Python work around it
+        (events, JSON, cache writes) stays on the main thread in ``finish`` so the two never contend."""
+        todo = self._todo(prepared)
         if todo:
             self._run_engine(todo)
             if self.settings.on_parse_error is ParseErrorPolicy.RETRY:
                 again = [p for p in todo if p.verdict is not None and p.verdict.parse_error]
                 for p in again:  # once more, alone
                     self._run_engine([p])
+
+    def finish(self, prepared: Sequence[Prepared]) -> list[Outcome]:
+        """After ``moderate``: cache the new verdicts and build the outcome (events to publish) per record."""
+        todo = self._todo(prepared)
+        hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
+        metrics.CACHE_HITS.inc(hits)
+        metrics.CACHE_MISSES.inc(len(todo))
+        if todo:
             to_cache: list[tuple[str, dict[str, Any]]] = []
             for p in todo:
                 v = p.verdict
@@ -156,11 +172,33 @@ class Moderator:
                         f"{v.extra.get('parse_error_reason', 'unparseable')}; "
                         f"raw={(v.raw_output or '')[:1500]!r}",
                     )
-                elif p.key is not None:
+                elif p.key is not None and self.cache is not None:
                     to_cache.append((p.key, _verdict_to_cache(v)))
             if self.cache is not None:
                 self.cache.put_many(to_cache)
-        return [self._outcome(p) for p in prepared]
+        # one clock reading per batch: the batch is decided at one moment
+        now, decided_at = time.monotonic(), datetime.now(UTC)
+        outcomes = [self._outcome(p, now, decided_at) for p in prepared]
+        self._count(outcomes, decided_at)
+        return outcomes
+
+    def _count(self, outcomes: list[Outcome], decided_at: datetime) -> None:
+        """Per-batch metric updates (one locked increment per label, not one per post)."""
+        by_label: dict[bool | None, int] = {}
+        novel = 0
+        for o in outcomes:
+            ev = o.event
+            if isinstance(ev, VerdictEvent):
+                by_label[ev.safe] = by_label.get(ev.safe, 0) + 1
+                novel += len(o.outputs) > 1
+                created = ev.post_created_at
+                if created.tzinfo is None:
+                    created = created.replace(tzinfo=UTC)
+                metrics.E2E_LATENCY.observe(max(0.0, (decided_at - created).total_seconds()))
+        for label, k in by_label.items():
+            self._moderated[label].inc(k)
+        if novel:
+            metrics.NOVEL_RISKS.inc(novel)
 
     def _run_engine(self, items: list[Prepared]) -> None:
         """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts."""
@@ -190,7 +228,7 @@ class Moderator:
         self._run_engine(items[mid:])
 
     # ---------------------------------------------------------------- events
-    def _outcome(self, p: Prepared) -> Outcome:
+    def _outcome(self, p: Prepared, now: float, decided_at: datetime) -> Outcome:
         r = p.record
         s = self.settings
         if p.error is not None or p.post is None:
@@ -242,21 +280,17 @@ class Moderator:
             policy_version=self.engine.policy_version,
             content_hash=p.key,
             cache_hit=cache_hit,
-            latency_ms=round((time.monotonic() - p.started) * 1000.0, 3),
+            latency_ms=round((now - p.started) * 1000.0, 3),
             source_topic=r.topic,
             source_partition=r.partition,
             source_offset=r.offset,
             post_created_at=post.created_at,
-            decided_at=datetime.now(UTC),
+            decided_at=decided_at,
         )
         key = post.post_id.encode()
         outputs = [Output(s.verdicts_topic, key, _dump(ev))]
         if ev.novel_risk or (ev.safe is False and ev.category is None):
             outputs.append(Output(s.novel_risk_topic, key, outputs[0].value))
-            metrics.NOVEL_RISKS.inc()
-        self._moderated[ev.safe].inc()
-        created = post.created_at if post.created_at.tzinfo else post.created_at.replace(tzinfo=UTC)
-        metrics.E2E_LATENCY.observe(max(0.0, (datetime.now(UTC) - created).total_seconds()))
         return Outcome(r, "verdict", post.post_id, outputs, ev)
 
     def process(self, records: Sequence[Record]) -> list[Outcome]:
@@ -271,7 +305,7 @@ class Moderator:
 
 
 def _dump(ev: VerdictEvent | DeadLetterEvent) -> bytes:
-    return ev.model_dump_json().encode("utf-8")
+    return ev.__pydantic_serializer__.to_json(ev)
 
 
 _CACHED_FIELDS = (
