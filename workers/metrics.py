@@ -30,6 +30,9 @@ E2E_LATENCY = Histogram(
 IN_FLIGHT = Gauge("guardstream_in_flight", "Posts consumed but not yet committed")
 CONSUMER_LAG = Gauge("guardstream_consumer_lag", "Records behind the partition end", ["topic", "partition"])
 COMMITS = Counter("guardstream_commits_total", "Offset commits after acknowledged publishes")
+COMMITS_LOST = Counter(
+    "guardstream_commits_lost_to_rebalance_total", "Published batches whose commit a rebalance refused"
+)
 BROKER_DOWN_SECONDS = Gauge(
     "guardstream_broker_down_seconds", "How long the broker has been unreachable (0: up)"
 )

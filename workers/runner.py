@@ -7,7 +7,10 @@ cache makes the re-run cheap and gives identical verdicts.
 
 Pipelining: the engine runs on its own thread. While batch N is in the engine, the main thread
 consumes batch N+1, decodes it, fetches its images and looks it up in the cache, so the engine is
-fed again as soon as it finishes. Batches are published and committed strictly in order.
+fed again as soon as it finishes. Batches are published and committed strictly in order. The engine
+thread does nothing but the model call (``Moderator.moderate``); building, serializing and caching the
+verdicts (``Moderator.finish``) runs on the main thread, so the two threads never fight over the GIL
+(a busy second thread costs every blocking Kafka call on the main thread up to a 5 ms switch interval).
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ _COORDINATOR_AWAY = _UNREACHABLE | {
 }
 
 
-def _retriable(err: KafkaError) -> bool:
-    return bool(err.retriable()) or err.code() in _COORDINATOR_AWAY
+# the group moved on (rebalance) under a commit: the partitions may be someone else's now
+_GENERATION_LOST = {
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError._ASSIGNMENT_LOST,
+}
 
 
 @dataclass
@@ -92,6 +100,7 @@ def producer_config(s: Settings) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
+        "delivery.report.only.error": True,  # acks are checked by flush(); only failures call back
         "message.timeout.ms": int(s.produce_timeout_s * 1000),
         "log.connection.close": False,
     }
@@ -117,9 +126,11 @@ class KafkaWorker:
             # fences any zombie with the same id and aborts its open transaction
             self.producer.init_transactions(settings.produce_timeout_s)
         self._engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._pending: tuple[Future[list[Outcome]], list[Prepared]] | None = None
+        self._pending: tuple[Future[None], list[Prepared]] | None = None
         self._paused = False
-        self._eof: set[tuple[str, int]] = set()  # partitions consumed to their end (EOF since last record)
+        # end offset of each partition as last reported by an end-of-partition event (librdkafka reports
+        # an end offset once: it is kept across rebalances, and dropped when records arrive past it)
+        self._eof: dict[tuple[str, int], int] = {}
         self._carry: list[Message] = []  # consumed while paused (a newly assigned partition), not yet used
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
@@ -185,7 +196,6 @@ class KafkaWorker:
 
     def _on_assign(self, c: Consumer, parts: list[TopicPartition]) -> None:
         self._assigned |= {(p.topic, p.partition) for p in parts}
-        self._eof -= {(p.topic, p.partition) for p in parts}
         # librdkafka keeps a partition's pause flag across revoke/assign: set it to what we want now
         if self._paused:
             c.pause(parts)
@@ -202,7 +212,6 @@ class KafkaWorker:
         lost = {(p.topic, p.partition) for p in parts}
         self._revoked |= lost
         self._assigned -= lost
-        self._eof -= lost
         self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in lost]
 
     def run(
@@ -232,9 +241,9 @@ class KafkaWorker:
                 finished = self._take_pending()
                 window = self._drop_revoked(window)  # a rebalance may have run while we waited
                 if window:
-                    self._pending = (self._engine_pool.submit(self.moderator.infer, window), window)
+                    self._pending = (self._engine_pool.submit(self.moderator.moderate, window), window)
                 if finished is not None:
-                    self._publish_and_commit(*finished)
+                    self._publish_and_commit(finished)
                 elif not window and until_drained and self._pending is None and self._at_end():
                     break
                 if idle_timeout_s is not None and time.monotonic() - last_progress > idle_timeout_s:
@@ -297,7 +306,7 @@ class KafkaWorker:
         err = m.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
-                self._eof.add((m.topic() or "", m.partition() or 0))
+                self._eof[(m.topic() or "", m.partition() or 0)] = m.offset() or 0
                 return None
             if err.fatal():
                 raise KafkaException(err)
@@ -306,10 +315,11 @@ class KafkaWorker:
         ts_type, ts = m.timestamp()
         topic, partition, offset = m.topic(), m.partition(), m.offset()
         assert topic is not None and partition is not None and offset is not None
-        self._eof.discard((topic, partition))
+        if offset >= self._eof.get((topic, partition), offset + 1):
+            del self._eof[(topic, partition)]
         return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
 
-    def _take_pending(self) -> tuple[list[Outcome], list[Prepared]] | None:
+    def _take_pending(self) -> list[Prepared] | None:
         """Wait for the batch in the engine. A slow engine does not make the worker read ahead: after
         ``pause_after_s`` the owned partitions are paused, and the consumer keeps being served (group
         membership, rebalances, error callbacks) without taking on new posts until the engine is done."""
@@ -322,13 +332,14 @@ class KafkaWorker:
             if self._pending is not pending:  # a revoke during the wait already published it
                 return None
         self._pending = None
-        return fut.result(), window
+        fut.result()
+        return window
 
     @staticmethod
-    def _wait(fut: Future[list[Outcome]], timeout: float) -> bool:
+    def _wait(fut: Future[None], timeout: float) -> bool:
         return bool(futures_wait([fut], timeout=timeout).done)
 
-    def _wait_paused(self, fut: Future[list[Outcome]]) -> None:
+    def _wait_paused(self, fut: Future[None]) -> None:
         paused = self.consumer.assignment()
         self.consumer.pause(paused)
         self._paused = True  # partitions assigned during the wait are paused too (see _on_assign)
@@ -357,9 +368,11 @@ class KafkaWorker:
             return
         fut, window = self._pending
         self._pending = None
-        self._publish_and_commit(fut.result(), window)
+        fut.result()
+        self._publish_and_commit(window)
 
-    def _publish_and_commit(self, outcomes: list[Outcome], window: list[Prepared]) -> None:
+    def _publish_and_commit(self, window: list[Prepared]) -> None:
+        outcomes = self.moderator.finish(window)
         if self.transactional:
             self._publish_transaction(outcomes)
         else:
@@ -441,7 +454,15 @@ class KafkaWorker:
                 break
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                if not isinstance(err, KafkaError) or not _retriable(err) or time.monotonic() > give_up:
+                if isinstance(err, KafkaError) and err.code() in _GENERATION_LOST:
+                    # Published but not committed: whoever owns the partitions after the rebalance
+                    # (maybe us again) re-reads from the last commit. A re-publish, never a loss.
+                    log.warning("commit_lost_to_rebalance", error=err.str(), partitions=len(offsets))
+                    metrics.COMMITS_LOST.inc()
+                    return
+                if not isinstance(err, KafkaError) or err.code() not in _COORDINATOR_AWAY:
+                    raise
+                if time.monotonic() > give_up:
                     raise
                 log.warning("commit_retrying", error=err.str())
                 self._stop.wait(0.5)  # backoff, not synchronization
@@ -449,11 +470,35 @@ class KafkaWorker:
         metrics.COMMITS.inc()
 
     def _at_end(self) -> bool:
-        """True when the group owns partitions and each one has reported end-of-partition since the
-        last record it delivered. librdkafka's EOF event is exact on Tansu, whose high watermark (the
-        last record *batch's* base offset + 1) cannot be compared with positions or committed offsets."""
+        """True when the group owns partitions and each one is consumed *and committed* up to the end
+        offset its last end-of-partition event reported. Called only with nothing in flight.
+
+        EOF offsets, not watermarks: Tansu's high watermark is the last record *batch's* base offset + 1
+        and cannot be compared with positions. librdkafka reports each end offset once, so they are kept
+        across rebalances; after one, a partition's position is unknown until it delivers again, and
+        the committed offset answers instead.
+        """
         assignment = self.consumer.assignment()
-        return bool(assignment) and all((tp.topic, tp.partition) in self._eof for tp in assignment)
+        if not assignment:
+            return False
+        ends = [self._eof.get((tp.topic, tp.partition)) for tp in assignment]
+        if any(e is None for e in ends):
+            return False
+        try:
+            positions = self.consumer.position(assignment)
+            unknown = [tp for tp in positions if tp.offset < 0]
+            if unknown:
+                # no commit yet: the group starts at the beginning (auto.offset.reset=earliest)
+                done = {(t.topic, t.partition): max(t.offset, 0) for t in self.consumer.committed(unknown, 5)}
+                positions = [
+                    TopicPartition(tp.topic, tp.partition, done.get((tp.topic, tp.partition), -1))
+                    if tp.offset < 0
+                    else tp
+                    for tp in positions
+                ]
+        except KafkaException:  # broker unreachable: not known to be at the end
+            return False
+        return all(tp.offset >= (end or 0) for tp, end in zip(positions, ends, strict=True))
 
     def close(self) -> None:
         self._engine_pool.shutdown(wait=True)
