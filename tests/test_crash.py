@@ -17,10 +17,11 @@ import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from guard.cpu import CpuEngine
 from tests.conftest import Services
@@ -58,6 +59,27 @@ def outputs(s: Settings, committed_only: bool = True) -> list[dict[str, Any]]:
     return [json.loads(v) for v in vals]
 
 
+class OutputCounter:
+    """Counts verdicts and dead letters as they are written (aborted transactions included): one
+    consumer tailing the output topics, so a kill lands within a few records of its target."""
+
+    def __init__(self, s: Settings) -> None:
+        self.c = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": "crash-counter"})
+        meta = self.c.list_topics(timeout=10).topics
+        self.c.assign(
+            [
+                TopicPartition(t, p, OFFSET_BEGINNING)
+                for t in (s.verdicts_topic, s.dlq_topic)
+                for p in meta[t].partitions
+            ]
+        )
+        self.seen = 0
+
+    def poll(self) -> int:
+        self.seen += sum(1 for m in self.c.consume(500, 0.05) if m.error() is None)
+        return self.seen
+
+
 def post_key(o: dict[str, Any]) -> str:
     """The post an output belongs to (for unparseable events: from the dead letter's original bytes)."""
     if o.get("post_id"):
@@ -68,7 +90,7 @@ def post_key(o: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_kill_9_at_random_points_loses_nothing(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, mode: str
+    settings: Settings, services: Services, cpu_engine: CpuEngine, mode: str, tmp_path: Path
 ) -> None:
     n, kills, rng = 600, 3, random.Random(20261124)
     values = [post(f"c{i}", f"a{i % 13}", f"crash test post {i} about the weekend") for i in range(n)]
@@ -76,21 +98,25 @@ def test_kill_9_at_random_points_loses_nothing(
         values[i] = b'{"post_id": "c%d", "broken": ' % i
     produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, v) for v in values])
     env = worker_env(settings, mode)
-    for _k in range(kills):
-        before = len(outputs(settings, committed_only=False))
-        target = before + rng.randint(4, 30)  # a random point: after this many more outputs
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            while proc.poll() is None and len(outputs(settings, committed_only=False)) < target:
-                pass
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
+    counter = OutputCounter(settings)
+    # random kill points, as counts of outputs seen so far (any of them may be mid-fetch, mid-batch or
+    # mid-publish); all below n, so each is reached while there is work left
+    for k, target in enumerate(sorted(rng.sample(range(n // 10, 8 * n // 10), kills))):
+        log_path = tmp_path / f"worker-{k}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log_file, stderr=log_file
+            )
+            try:
+                while proc.poll() is None and counter.poll() < target:
+                    pass
+                exited = proc.poll()
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+        # the worker must still be running when we kill it: dying by itself is a bug, not a test point
+        assert exited is None, f"worker exited with {exited}:\n{log_path.read_text()[-3000:]}"
+    counter.c.close()
     final = settings.model_copy(
         update={
             "cache_enabled": False,

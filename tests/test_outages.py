@@ -98,7 +98,7 @@ class ObservedWorker(KafkaWorker):
         self.revoking = threading.Event()
         self.broker_down = threading.Event()
 
-    def _wait_paused(self, fut: Future[list[Outcome]]) -> None:
+    def _wait_paused(self, fut: Future[None]) -> None:
         self.paused_in_flight.append(metrics.IN_FLIGHT._value.get())
         super()._wait_paused(fut)
 
