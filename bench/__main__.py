@@ -271,7 +271,7 @@ def bench_cache(env: Env, n: int, dup_ratio: float = 0.3) -> dict[str, float]:
     dup = run_worker(dup_s, ZeroCostEngine(), n, f"cache: {dup_ratio:.0%} reposts", keep=True)
     hits = sum(1 for o in dup.outcomes if getattr(o.event, "cache_hit", False))
     table(
-        "3. verdict cache (Redis, one MGET + one pipelined SET per batch)",
+        "3. verdict cache (Redis, one MGET + one Lua multi-SET per batch)",
         ["stream", "posts/s", "hit rate"],
         [
             ["all misses", f"{miss.rate:,.0f}", "0.00"],
