@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from schemas.events import Modality
+from schemas.events import Modality, modality_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,10 +20,7 @@ class ModerationItem:
 
     @property
     def modality(self) -> Modality:
-        has_text = bool(self.text and self.text.strip())
-        if self.images and has_text:
-            return Modality.TEXT_IMAGE
-        return Modality.IMAGE if self.images else Modality.TEXT
+        return modality_of(self.text, bool(self.images))
 
 
 @dataclass(slots=True)

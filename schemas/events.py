@@ -23,6 +23,13 @@ class Modality(StrEnum):
     TEXT_IMAGE = "text_image"
 
 
+def modality_of(text: str | None, has_images: bool) -> Modality:
+    """Blank text does not count: an image with a whitespace caption is an image post."""
+    if has_images and text and text.strip():
+        return Modality.TEXT_IMAGE
+    return Modality.IMAGE if has_images else Modality.TEXT
+
+
 class ErrorCode(StrEnum):
     """Stable reasons a post is dead-lettered. Downstream alerting keys on these strings."""
 
@@ -96,10 +103,7 @@ class PostEvent(BaseModel):
 
     @property
     def modality(self) -> Modality:
-        has_text = bool(self.text and self.text.strip())
-        if self.images and has_text:
-            return Modality.TEXT_IMAGE
-        return Modality.IMAGE if self.images else Modality.TEXT
+        return modality_of(self.text, bool(self.images))
 
 
 class Scores(BaseModel):

@@ -151,6 +151,10 @@ class TrainingExporter:
             return None
         return Label(not verdict.safe, verdict.subcategory or verdict.category, verdict.novel_risk, "model")
 
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
+
     def export(
         self,
         out_dir: Path,

@@ -11,18 +11,20 @@ from workers.runner import KafkaWorker
 from workers.settings import Settings
 
 
-def build_moderator(settings: Settings, engine: GuardEngine | None = None) -> Moderator:
-    engine = engine or build_engine(settings.engine, settings.engine_options())
-    s3 = make_s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts)
-    fetcher = MediaFetcher(
-        s3,
+def build_fetcher(settings: Settings) -> MediaFetcher:
+    return MediaFetcher(
+        make_s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts),
         settings.allowed_buckets,
         settings.max_image_bytes,
         settings.max_image_pixels,
         settings.fetch_concurrency,
     )
+
+
+def build_moderator(settings: Settings, engine: GuardEngine | None = None) -> Moderator:
+    engine = engine or build_engine(settings.engine, settings.engine_options())
     cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
-    return Moderator(settings, engine, fetcher, cache)
+    return Moderator(settings, engine, build_fetcher(settings), cache)
 
 
 def build_worker(settings: Settings, engine: GuardEngine | None = None) -> KafkaWorker:

@@ -10,12 +10,15 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from workers.logging import configure_logging
 from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from training.export import TrainingExporter
 
 log = structlog.get_logger("guardstream")
 
@@ -24,6 +27,22 @@ TOPIC_PARTITIONS = {"posts": 3, "verdicts": 3, "novel-risks": 1, "posts-dlq": 1}
 
 def _topics(s: Settings) -> dict[str, int]:
     return {s.posts_topic: 3, s.verdicts_topic: 3, s.novel_risk_topic: 1, s.dlq_topic: 1}
+
+
+def _training_exporter(s: Settings) -> TrainingExporter:
+    from guard.prompts import PromptSet
+    from guard.taxonomy import Taxonomy
+    from training.export import TrainingExporter
+    from workers.app import build_fetcher
+
+    return TrainingExporter(
+        s.bootstrap_servers,
+        PromptSet(Taxonomy.load(s.taxonomy_path)),
+        build_fetcher(s),
+        posts_topic=s.posts_topic,
+        verdicts_topic=s.verdicts_topic,
+        reviews_topic=s.reviews_topic,
+    )
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -360,29 +379,12 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from guard.prompts import PromptSet
-    from guard.taxonomy import Taxonomy
-    from training.export import TrainingExporter, parse_ratios
-    from workers.media import MediaFetcher, make_s3_client
+    from training.export import parse_ratios
     from workers.replay import parse_bound
 
     s = _settings(args)
     start, end = parse_bound(args.start), parse_bound(args.end)
-    fetcher = MediaFetcher(
-        make_s3_client(s.s3_endpoint_url, s.s3_region, s.s3_max_attempts),
-        s.allowed_buckets,
-        s.max_image_bytes,
-        s.max_image_pixels,
-        s.fetch_concurrency,
-    )
-    exp = TrainingExporter(
-        s.bootstrap_servers,
-        PromptSet(Taxonomy.load(s.taxonomy_path)),
-        fetcher,
-        posts_topic=s.posts_topic,
-        verdicts_topic=s.verdicts_topic,
-        reviews_topic=s.reviews_topic,
-    )
+    exp = _training_exporter(s)
     out = Path(args.out)
     with Progress(
         SpinnerColumn(), TextColumn("exporting: {task.completed} posts read"), console=Console(stderr=True)
@@ -397,7 +399,7 @@ def cmd_export_training(args: argparse.Namespace) -> int:
             copy_images=not args.keep_s3_refs,
             on_progress=lambda n: prog.advance(task, n),
         )
-    fetcher.close()
+    exp.close()
     Console().print((out / "README.md").read_text())
     log.info("training_export_written", out=str(out), splits=dict(rep.splits))
     return 0
@@ -465,13 +467,10 @@ def show_alert(s: Settings, proc: Any, console: Any) -> None:
 def demo_export(s: Settings, out: Path, console: Any) -> None:
     """Reviewers label the demo's images (the CPU engine abstains on them) and correct one text verdict;
     then the feed is exported as a training set and the GRPO launcher's dry run scores it."""
-    from guard.prompts import PromptSet
-    from guard.taxonomy import Taxonomy
     from infra.stack import create_topics
     from schemas.events import ReviewEvent
     from training import launch
-    from training.export import TrainingExporter, parse_ratios
-    from workers.media import MediaFetcher, make_s3_client
+    from training.export import parse_ratios
     from workers.topics import produce_all
 
     reviews = [
@@ -493,23 +492,9 @@ def demo_export(s: Settings, out: Path, console: Any) -> None:
         s.reviews_topic,
         [(r.post_id.encode(), r.model_dump_json().encode()) for r in reviews],
     )
-    fetcher = MediaFetcher(
-        make_s3_client(s.s3_endpoint_url, s.s3_region, s.s3_max_attempts),
-        s.allowed_buckets,
-        s.max_image_bytes,
-        s.max_image_pixels,
-        s.fetch_concurrency,
-    )
-    exp = TrainingExporter(
-        s.bootstrap_servers,
-        PromptSet(Taxonomy.load(s.taxonomy_path)),
-        fetcher,
-        posts_topic=s.posts_topic,
-        verdicts_topic=s.verdicts_topic,
-        reviews_topic=s.reviews_topic,
-    )
+    exp = _training_exporter(s)
     exp.export(out, ratios=parse_ratios("1:1:1"), val_fraction=0.2)
-    fetcher.close()
+    exp.close()
     console.print(f"\n[bold]training export[/] with {len(reviews)} reviews → {out}")
     console.print((out / "README.md").read_text())
     launch.main(["--dataset-dir", str(out), "--dry-run"])
