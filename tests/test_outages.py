@@ -27,7 +27,7 @@ from workers.core import Outcome
 from workers.runner import BrokerUnavailable, KafkaWorker
 from workers.sample_feed import post
 from workers.settings import Settings
-from workers.topics import produce_all, read_topic
+from workers.topics import produce_all, read_records, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,8 @@ def feed(s: Settings, n: int, tag: str) -> set[str]:
         s.bootstrap_servers,
         s.posts_topic,
         [
-            (None, post(pid, f"a{i % 7}", f"{tag} post {i} about a walk in the park"))
+            # keyed: spread over the partitions by hash (null keys go "sticky", often all to one)
+            (pid, post(pid, f"a{i % 7}", f"{tag} post {i} about a walk in the park"))
             for i, pid in enumerate(ids)
         ],
     )
@@ -187,6 +188,10 @@ def test_slow_engine_pauses_partitions_and_keeps_group_membership(
 def test_rebalance_during_a_slow_batch_publishes_it_once(settings: Settings, cpu_engine: CpuEngine) -> None:
     s = settings.model_copy(update={"pause_after_s": 0.1, "cache_enabled": False})
     ids = feed(s, 60, "reb")
+    per_partition = Counter(r.partition for r in read_records(s.bootstrap_servers, s.posts_topic))
+    # every partition holds more than the one batch the first worker can have in flight: whichever
+    # partitions move to the second worker, it has posts of its own to moderate
+    assert len(per_partition) == 3 and min(per_partition.values()) > s.max_batch_size, per_partition
     gated = GatedEngine(cpu_engine)
     first = ObservedWorker(s, build_moderator(s, gated))
     second = build_worker(s, cpu_engine)
