@@ -139,20 +139,25 @@ def test_redis_outage_degrades_to_uncached_moderation(settings: Settings, cpu_en
 
     dead = VerdictCache(f"redis://127.0.0.1:{free_port()}/0", 60)
     m = Moderator(settings, cpu_engine, None, dead)
-    out = m.process(records(texts("hello there", "Buy cocaine and MDMA here, fast discreet shipping")))
+    # texts far from the CPU engine's threshold whatever their random tag (a short neutral text like
+    # "hello there [tag]" crosses it for a few tags in a hundred)
+    out = m.process(
+        records(texts("Lovely sunset at the lake", "Buy cocaine and MDMA here, fast discreet shipping"))
+    )
     assert [o.kind for o in out] == ["verdict", "verdict"]
     assert [o.event.safe for o in out if isinstance(o.event, VerdictEvent)] == [True, False]
 
 
 def test_cache_entries_have_ttl(settings: Settings, cpu_engine: CpuEngine, services: Services) -> None:
     m = build_moderator(settings.model_copy(update={"cache_ttl_s": 123}), cpu_engine)
-    (o,) = m.process(records(texts("a post to cache")))
+    (o,) = m.process(records(texts("Lovely sunset at the lake")))
     assert isinstance(o.event, VerdictEvent)
     r = redis.Redis.from_url(services.redis_url)
     ttl = r.ttl(f"guardstream:verdict:v1:{o.event.content_hash}")
     assert 0 < ttl <= 123
     cached = json.loads(r.get(f"guardstream:verdict:v1:{o.event.content_hash}") or b"{}")
-    assert cached["safe"] is True
+    assert cached["safe"] is o.event.safe is True
+    assert cached["p_unsafe"] == o.event.scores.p_unsafe
 
 
 def test_dead_letter_keeps_original_bytes_and_coordinates(settings: Settings, cpu_engine: CpuEngine) -> None:
