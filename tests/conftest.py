@@ -60,7 +60,9 @@ def cpu_engine(prompts: PromptSet) -> CpuEngine:
 
 @pytest.fixture
 def settings(services: Services) -> Settings:
-    """Settings with topics and group unique to this test; the topics already exist."""
+    """Settings with topics and group unique to this test; the topics already exist. The verdict cache
+    starts empty (a test that moderated the same content earlier would otherwise turn misses into hits)."""
+    redis.Redis.from_url(services.redis_url).flushdb()
     sfx = uuid.uuid4().hex[:8]
     s = Settings(
         bootstrap_servers=services.broker.bootstrap,

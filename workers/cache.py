@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 import structlog
-from pydantic_core import from_json, to_json
 
+from schemas.wire import CachedVerdict, decode_cached, encode
 from workers import metrics
 
 log = structlog.get_logger(__name__)
@@ -24,22 +23,30 @@ return #KEYS
 """
 
 
-def content_key(
-    *,
-    modality: str,
-    text: str | None,
-    image_digests: Sequence[str],
-    engine: str,
-    model_version: str,
-    policy: str,
-) -> str:
-    """sha256 over everything that determines a verdict: content, engine, model and policy versions."""
-    parts = [
-        p.encode("utf-8")
-        for p in ("gs-content-v1", modality, text or "", *image_digests, engine, model_version, policy)
-    ]
-    framed = b"".join(len(b).to_bytes(8, "big") + b for b in parts)  # length-prefixed: no ambiguity
-    return hashlib.sha256(framed).hexdigest()
+def _frame(*parts: str) -> bytes:
+    """Length-prefixed UTF-8 parts: no two different part lists frame to the same bytes."""
+    out = bytearray()
+    for part in parts:
+        b = part.encode("utf-8")
+        out += len(b).to_bytes(8, "big")
+        out += b
+    return bytes(out)
+
+
+class ContentKeyer:
+    """sha256 over everything that determines a verdict: content, engine, model and policy versions.
+
+    The framing is ``gs-content-v1, modality, text, *image digests, engine, model_version, policy``; the
+    fixed parts are framed (and the constant prefix hashed) once per engine, not once per post."""
+
+    def __init__(self, *, engine: str, model_version: str, policy: str) -> None:
+        self._prefix = hashlib.sha256(_frame("gs-content-v1"))
+        self._suffix = _frame(engine, model_version, policy)
+
+    def __call__(self, modality: str, text: str | None, image_digests: Sequence[str] = ()) -> str:
+        h = self._prefix.copy()
+        h.update(_frame(modality, text or "", *image_digests) + self._suffix)
+        return h.hexdigest()
 
 
 class VerdictCache:
@@ -59,7 +66,7 @@ class VerdictCache:
             metrics.CACHE_ERRORS.inc()
         self._healthy = ok
 
-    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+    def get_many(self, keys: Sequence[str]) -> list[CachedVerdict | None]:
         if not self._enabled or not keys:
             return [None] * len(keys)
         try:
@@ -68,22 +75,16 @@ class VerdictCache:
             self._mark(False, exc)
             return [None] * len(keys)
         self._mark(True)
-        out: list[dict[str, Any] | None] = []
-        for r in raw:
-            try:
-                out.append(from_json(r) if r is not None else None)
-            except (ValueError, TypeError):
-                out.append(None)
-        return out
+        return [decode_cached(r) if r is not None else None for r in raw]
 
-    def put_many(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    def put_many(self, entries: Sequence[tuple[str, CachedVerdict]]) -> None:
         """Idempotent: the same key always maps to the same verdict, so re-writes are harmless."""
         if not self._enabled or not entries:
             return
         try:
             self._set_many(
                 keys=[KEY_PREFIX + k for k, _ in entries],
-                args=[self._ttl, *(to_json(v) for _, v in entries)],
+                args=[self._ttl, *(encode(v) for _, v in entries)],
             )
         except redis.RedisError as exc:
             self._mark(False, exc)

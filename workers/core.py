@@ -12,15 +12,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
 from guard.types import EngineError, GuardEngine, ModerationItem, Verdict
 from schemas.codec import DecodeError, decode_post
-from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, Scores, VerdictEvent
+from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, VerdictEvent
+from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers import metrics
-from workers.cache import VerdictCache, content_key
+from workers.cache import ContentKeyer, VerdictCache
 from workers.media import MediaError, MediaFetcher
 from workers.settings import ParseErrorPolicy, Settings
 
@@ -52,7 +52,16 @@ class Outcome:
     kind: str  # "verdict" | "dead_letter"
     post_id: str | None
     outputs: list[Output]
-    event: VerdictEvent | DeadLetterEvent
+    verdict: VerdictWire | None = None
+    dead_letter: DeadLetterEvent | None = None
+
+    @property
+    def event(self) -> VerdictEvent | DeadLetterEvent:
+        """The published event as its schema model (validated from the published bytes: off the hot path,
+        for replay, tests and benchmarks)."""
+        if self.dead_letter is not None:
+            return self.dead_letter
+        return VerdictEvent.model_validate_json(self.outputs[0].value)
 
 
 @dataclass(slots=True)
@@ -62,7 +71,7 @@ class Prepared:
     post: PostEvent | None = None
     item: ModerationItem | None = None
     key: str | None = None
-    cached: dict[str, Any] | None = None
+    cached: CachedVerdict | None = None
     error: tuple[ErrorCode, str, str] | None = None  # code, error class, message
     verdict: Verdict | None = field(default=None)
 
@@ -79,6 +88,10 @@ class Moderator:
         self.engine = engine
         self.fetcher = fetcher
         self.cache = cache
+        self._keyer = ContentKeyer(
+            engine=engine.name, model_version=engine.model_version, policy=engine.policy_version
+        )
+        self._taxonomy = getattr(engine, "taxonomy", None)
         self._moderated = {
             safe: metrics.MODERATED.labels(engine.name, label)
             for safe, label in ((True, "safe"), (False, "unsafe"), (None, "abstain"))
@@ -119,14 +132,7 @@ class Moderator:
         return prepared
 
     def _key(self, post: PostEvent, digests: list[str]) -> str:
-        return content_key(
-            modality=post.modality.value,
-            text=post.text,
-            image_digests=digests,
-            engine=self.engine.name,
-            model_version=self.engine.model_version,
-            policy=self.engine.policy_version,
-        )
+        return self._keyer(post.modality.value, post.text, digests)
 
     @staticmethod
     def misses(prepared: Sequence[Prepared]) -> int:
@@ -160,7 +166,7 @@ class Moderator:
         metrics.CACHE_HITS.inc(hits)
         metrics.CACHE_MISSES.inc(len(todo))
         if todo:
-            to_cache: list[tuple[str, dict[str, Any]]] = []
+            to_cache: list[tuple[str, CachedVerdict]] = []
             for p in todo:
                 v = p.verdict
                 if v is None:
@@ -173,7 +179,7 @@ class Moderator:
                         f"raw={(v.raw_output or '')[:1500]!r}",
                     )
                 elif p.key is not None and self.cache is not None:
-                    to_cache.append((p.key, _verdict_to_cache(v)))
+                    to_cache.append((p.key, _to_cache(v)))
             if self.cache is not None:
                 self.cache.put_many(to_cache)
         # one clock reading per batch: the batch is decided at one moment
@@ -186,15 +192,17 @@ class Moderator:
         """Per-batch metric updates (one locked increment per label, not one per post)."""
         by_label: dict[bool | None, int] = {}
         novel = 0
+        ages: list[float] = []
         for o in outcomes:
-            ev = o.event
-            if isinstance(ev, VerdictEvent):
+            ev = o.verdict
+            if ev is not None:
                 by_label[ev.safe] = by_label.get(ev.safe, 0) + 1
                 novel += len(o.outputs) > 1
                 created = ev.post_created_at
                 if created.tzinfo is None:
                     created = created.replace(tzinfo=UTC)
-                metrics.E2E_LATENCY.observe(max(0.0, (decided_at - created).total_seconds()))
+                ages.append(max(0.0, (decided_at - created).total_seconds()))
+        metrics.observe_many(metrics.E2E_LATENCY, ages)
         for label, k in by_label.items():
             self._moderated[label].inc(k)
         if novel:
@@ -232,35 +240,12 @@ class Moderator:
         r = p.record
         s = self.settings
         if p.error is not None or p.post is None:
-            code, cls, msg = p.error or (ErrorCode.INVALID_EVENT, "Unknown", "no post")
-            dl = DeadLetterEvent(
-                post_id=p.post.post_id if p.post else _post_id_hint(r.value),
-                error_code=code,
-                error_class=cls,
-                message=msg,
-                source_topic=r.topic,
-                source_partition=r.partition,
-                source_offset=r.offset,
-                original_key_b64=DeadLetterEvent.encode_bytes(r.key),
-                original_value_b64=DeadLetterEvent.encode_bytes(r.value) or "",
-            )
-            metrics.DEAD_LETTERS.labels(code.value).inc()
-            log.info(
-                "post_dead_lettered",
-                post_id=dl.post_id,
-                topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                error_code=code.value,
-                reason=msg[:200],
-            )
-            return Outcome(r, "dead_letter", dl.post_id, [Output(s.dlq_topic, r.key, _dump(dl))], dl)
+            return self._dead_letter(p)
         post = p.post
-        cache_hit = p.cached is not None
-        v = _verdict_from_cache(p.cached) if p.cached is not None else p.verdict
+        v: Verdict | CachedVerdict | None = p.cached if p.cached is not None else p.verdict
         assert v is not None and p.key is not None
-        tax = getattr(self.engine, "taxonomy", None)
-        ev = VerdictEvent(
+        tax = self._taxonomy
+        ev = VerdictWire(
             post_id=post.post_id,
             author_id=post.author_id,
             modality=post.modality,
@@ -271,15 +256,15 @@ class Moderator:
             subcategory_name=tax.subcategory_name(v.subcategory) if tax else None,
             novel_risk=v.novel_risk,
             abstained_reason=v.abstained_reason,
-            parse_error=v.parse_error,
+            parse_error=False,  # an unparseable output is dead-lettered (finish), never published
             reasoning=v.reasoning if s.publish_reasoning else None,
             raw_output=v.raw_output if s.publish_reasoning else None,
-            scores=Scores(p_unsafe=v.p_unsafe, category_similarity=v.category_similarity),
+            scores=ScoresWire(p_unsafe=v.p_unsafe, category_similarity=v.category_similarity),
             engine=self.engine.name,
             model_version=self.engine.model_version,
             policy_version=self.engine.policy_version,
             content_hash=p.key,
-            cache_hit=cache_hit,
+            cache_hit=p.cached is not None,
             latency_ms=round((now - p.started) * 1000.0, 3),
             source_topic=r.topic,
             source_partition=r.partition,
@@ -288,10 +273,39 @@ class Moderator:
             decided_at=decided_at,
         )
         key = post.post_id.encode()
-        outputs = [Output(s.verdicts_topic, key, _dump(ev))]
+        outputs = [Output(s.verdicts_topic, key, encode(ev))]
         if ev.novel_risk or (ev.safe is False and ev.category is None):
             outputs.append(Output(s.novel_risk_topic, key, outputs[0].value))
-        return Outcome(r, "verdict", post.post_id, outputs, ev)
+        return Outcome(r, "verdict", post.post_id, outputs, verdict=ev)
+
+    def _dead_letter(self, p: Prepared) -> Outcome:
+        r = p.record
+        code, cls, msg = p.error or (ErrorCode.INVALID_EVENT, "Unknown", "no post")
+        dl = DeadLetterEvent(
+            post_id=p.post.post_id if p.post else _post_id_hint(r.value),
+            error_code=code,
+            error_class=cls,
+            message=msg,
+            source_topic=r.topic,
+            source_partition=r.partition,
+            source_offset=r.offset,
+            original_key_b64=DeadLetterEvent.encode_bytes(r.key),
+            original_value_b64=DeadLetterEvent.encode_bytes(r.value) or "",
+        )
+        metrics.DEAD_LETTERS.labels(code.value).inc()
+        log.info(
+            "post_dead_lettered",
+            post_id=dl.post_id,
+            topic=r.topic,
+            partition=r.partition,
+            offset=r.offset,
+            error_code=code.value,
+            reason=msg[:200],
+        )
+        value = dl.__pydantic_serializer__.to_json(dl)
+        return Outcome(
+            r, "dead_letter", dl.post_id, [Output(self.settings.dlq_topic, r.key, value)], dead_letter=dl
+        )
 
     def process(self, records: Sequence[Record]) -> list[Outcome]:
         return self.infer(self.prepare(records))
@@ -304,32 +318,18 @@ class Moderator:
         self.engine.close()
 
 
-def _dump(ev: VerdictEvent | DeadLetterEvent) -> bytes:
-    return ev.__pydantic_serializer__.to_json(ev)
-
-
-_CACHED_FIELDS = (
-    "safe",
-    "category",
-    "subcategory",
-    "novel_risk",
-    "p_unsafe",
-    "category_similarity",
-    "reasoning",
-    "raw_output",
-    "abstained_reason",
-)
-
-
-def _verdict_to_cache(v: Verdict) -> dict[str, Any]:
-    return {f: getattr(v, f) for f in _CACHED_FIELDS}
-
-
-def _verdict_from_cache(d: dict[str, Any]) -> Verdict:
-    v = Verdict(safe=d.get("safe"))
-    for f in _CACHED_FIELDS:
-        setattr(v, f, d.get(f))
-    return v
+def _to_cache(v: Verdict) -> CachedVerdict:
+    return CachedVerdict(
+        safe=v.safe,
+        category=v.category,
+        subcategory=v.subcategory,
+        novel_risk=v.novel_risk,
+        p_unsafe=v.p_unsafe,
+        category_similarity=v.category_similarity,
+        reasoning=v.reasoning,
+        raw_output=v.raw_output,
+        abstained_reason=v.abstained_reason,
+    )
 
 
 def _post_id_hint(raw: bytes | None) -> str | None:

@@ -3,8 +3,10 @@ loop turned recently), ``/readyz`` (readiness: engine loaded and partitions assi
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -37,6 +39,27 @@ BROKER_DOWN_SECONDS = Gauge(
     "guardstream_broker_down_seconds", "How long the broker has been unreachable (0: up)"
 )
 PAUSED_PARTITIONS = Gauge("guardstream_paused_partitions", "Partitions paused for backpressure")
+
+
+def observe_many(hist: Histogram, values: Sequence[float]) -> None:
+    """``hist.observe(v)`` for each value, with one locked update per bucket instead of per value.
+
+    prometheus-client has no bulk observe; this adds the per-bucket counts (a value lands in the first
+    bucket whose upper bound is >= it, as ``observe`` does) and the sum to the histogram's own counters.
+    Those are private attributes, so ``tests/test_metrics.py`` checks the exposition against per-value
+    ``observe`` on every run: a prometheus-client that changes them fails that test, not production.
+    """
+    if not values:
+        return
+    bounds: list[float] = hist._upper_bounds
+    counts = [0] * len(bounds)
+    for v in values:
+        if v == v:  # observe() counts NaN in the sum and in no bucket
+            counts[bisect.bisect_left(bounds, v)] += 1
+    hist._sum.inc(sum(values))
+    for bucket, k in zip(hist._buckets, counts, strict=True):
+        if k:
+            bucket.inc(k)
 
 
 class Health:
