@@ -250,7 +250,7 @@ def bench_overhead(env: Env, n: int) -> dict[str, float]:
     s = env.settings()
     seed(s, text_posts(n, uuid.uuid4().hex[:6]))
     raw = run_raw(s, n, "raw consume→produce")
-    floor = run_raw(s, n, "minimal per-post work", minimal_work(s), group="minimal")
+    minimal = run_raw(s, n, "minimal per-post work", minimal_work(s), group="minimal")
     w = run_worker(s, ZeroCostEngine(), n, "worker (zero-cost engine)")
     ratio = w.rate / raw.rate
     table(
@@ -260,16 +260,16 @@ def bench_overhead(env: Env, n: int) -> dict[str, float]:
             ["raw confluent-kafka loop", str(raw.posts), f"{raw.rate:,.0f}", "1.00"],
             [
                 "same loop + minimal per-post work (validate, hash, MGET, verdict JSON)",
-                str(floor.posts),
-                f"{floor.rate:,.0f}",
-                f"{floor.rate / raw.rate:.2f}",
+                str(minimal.posts),
+                f"{minimal.rate:,.0f}",
+                f"{minimal.rate / raw.rate:.2f}",
             ],
             ["guardstream worker", str(w.posts), f"{w.rate:,.0f}", f"{ratio:.2f}"],
         ],
     )
     console.print(
         f"   ratio worker/raw = [bold]{ratio:.2f}x[/] (target ≥ 0.5x); the minimal loop reaches "
-        f"{floor.rate / raw.rate:.2f}x, the worker {w.rate / floor.rate:.2f}x of it"
+        f"{minimal.rate / raw.rate:.2f}x, the worker {w.rate / minimal.rate:.2f}x of it"
     )
     stages, cache_off_us = stage_costs(s, min(n, 12_800))
     kafka_us = 1e6 / raw.rate
@@ -288,7 +288,7 @@ def bench_overhead(env: Env, n: int) -> dict[str, float]:
     )
     return {
         "raw_posts_s": raw.rate,
-        "minimal_posts_s": floor.rate,
+        "minimal_posts_s": minimal.rate,
         "worker_posts_s": w.rate,
         "ratio": ratio,
         "ceiling": ceiling,
@@ -348,7 +348,7 @@ def bench_gpu(env: Env, batches: int, max_batch: int = 32) -> dict[str, float]:
     w = run_worker(s, eng, n, "worker → simulated GPU (image posts)", keep=True)
     cap = eng.capacity(max_batch)
     fill = statistics.fmean(eng.batches) / max_batch
-    lat = sorted(o.event.latency_ms for o in w.outcomes if hasattr(o.event, "latency_ms"))
+    lat = sorted(o.verdict.latency_ms for o in w.outcomes if o.verdict is not None)
     p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     table(
         f"2. GPU saturation (simulated: 250 ms/batch + 15 ms/post, max batch {max_batch}, S3 fetch real)",
@@ -384,14 +384,14 @@ def bench_cache(env: Env, n: int, dup_ratio: float = 0.3) -> dict[str, float]:
     hit_s = env.settings()
     seed(hit_s, values)  # same content again: every lookup hits
     hit = run_worker(hit_s, ZeroCostEngine(), n, "cache: all hits", keep=True)
-    hit_rate_full = sum(1 for o in hit.outcomes if getattr(o.event, "cache_hit", False)) / max(
+    hit_rate_full = sum(1 for o in hit.outcomes if o.verdict is not None and o.verdict.cache_hit) / max(
         len(hit.outcomes), 1
     )
     dup_s = env.settings()
     distinct = int(n * (1 - dup_ratio))
     seed(dup_s, text_posts(n, uuid.uuid4().hex[:6], distinct=distinct))
     dup = run_worker(dup_s, ZeroCostEngine(), n, f"cache: {dup_ratio:.0%} reposts", keep=True)
-    hits = sum(1 for o in dup.outcomes if getattr(o.event, "cache_hit", False))
+    hits = sum(1 for o in dup.outcomes if o.verdict is not None and o.verdict.cache_hit)
     table(
         "3. verdict cache (Redis, one MGET + one Lua multi-SET per batch)",
         ["stream", "posts/s", "hit rate"],

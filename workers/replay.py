@@ -274,12 +274,13 @@ class Replayer:
         self, replay_id: str, o: Outcome, originals: dict[str, DecisionSummary], report: ReplayReport
     ) -> AuditRecord:
         eng = self.m.engine
-        new = summarize(o.event, eng.name, eng.model_version, eng.policy_version)
+        event = o.event  # validated from the published bytes: once
+        new = summarize(event, eng.name, eng.model_version, eng.policy_version)
         old = originals.get(o.post_id or "")
         if old is None:
             report.missing_original += 1
         changes = diff(old, new)
-        author = o.event.author_id if isinstance(o.event, VerdictEvent) else None
+        author = event.author_id if isinstance(event, VerdictEvent) else None
         rec = AuditRecord(
             replay_id=replay_id,
             post_id=o.post_id,
