@@ -39,7 +39,7 @@ from rich.table import Table
 
 from bench.engines import SimulatedGpuEngine, ZeroCostEngine
 from guard.types import GuardEngine
-from infra.stack import Broker, S3Server, create_topics, ensure_bucket, ensure_redis, free_port
+from infra.stack import Broker, RedisServer, S3Server, create_topics, ensure_bucket, free_port
 from schemas.codec import decode_post
 from schemas.wire import ScoresWire, VerdictWire, encode
 from workers.app import build_moderator, build_worker
@@ -52,13 +52,13 @@ from workers.topics import produce_all
 
 console = Console()
 BUCKET = "guardstream-media"
-REDIS_URL = "redis://127.0.0.1:6379/13"
 
 
 @dataclass
 class Env:
     bootstrap: str
     s3: str
+    redis_url: str
 
     def settings(self, **kw: Any) -> Settings:
         sfx = uuid.uuid4().hex[:8]
@@ -71,7 +71,7 @@ class Env:
             dlq_topic=f"dlq-{sfx}",
             s3_endpoint_url=self.s3,
             allowed_buckets=[BUCKET],
-            redis_url=REDIS_URL,
+            redis_url=self.redis_url,
             session_timeout_ms=6000,
             max_batch_size=256,
             max_wait_ms=50,
@@ -510,16 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.quick
         else dict(overhead=20_000, gpu=25, cache=10_000, cpu=2_048, memory=100_000)
     )
-    ensure_redis(REDIS_URL)
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    redis_server = RedisServer().start()  # our own, so no one else's data is touched
     broker = Broker(port=free_port()).start()
     s3 = S3Server(port=free_port(), process=True).start()
     import boto3
 
     ensure_bucket(boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1"), BUCKET)
-    env = Env(broker.bootstrap, s3.endpoint)
+    env = Env(broker.bootstrap, s3.endpoint, redis_server.url)
     results: dict[str, Any] = {}
     try:
         only = set(a.only.split(","))
@@ -536,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s3.stop()
         broker.stop()
+        redis_server.stop()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -44,6 +44,16 @@ class EngineError(RuntimeError):
     """The engine failed on a whole batch (device error, server down...). The worker retries/bisects."""
 
 
+class EngineRequestError(EngineError):
+    """One request failed (a timeout, a 4xx/5xx for that request, a bad output shape). Retryable per
+    request; a post that keeps failing becomes a dead letter (``engine_failed``)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine itself is gone (server unreachable, CUDA error, engine core died). Not a property of
+    any post: the worker stops taking work, commits nothing past it, and waits or exits per config."""
+
+
 @runtime_checkable
 class GuardEngine(Protocol):
     """A batched moderation backend.
@@ -60,3 +70,26 @@ class GuardEngine(Protocol):
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """The worker's engine seam: one request per post, completing out of order.
+
+    ``judge`` is awaited once per post on the worker's engine event loop; many are outstanding at once
+    (up to ``max_in_flight``), so a generative backend with continuous batching (vLLM's ``AsyncLLM``,
+    a vLLM server) keeps its running batch full and returns each verdict the moment it is done.
+    Batch-native backends (the CPU engine, transformers) sit behind ``guard.streaming.MicroBatcher``.
+
+    Errors: ``EngineRequestError`` (or any other exception) fails that one post; ``EngineDeadError``
+    says the engine is gone and no post should be blamed for it.
+    """
+
+    name: str
+    model_version: str
+    policy_version: str
+    max_in_flight: int
+
+    async def judge(self, item: ModerationItem) -> Verdict: ...
+
+    async def aclose(self) -> None: ...

@@ -146,6 +146,70 @@ class S3Server:
         self.server = None
 
 
+@dataclass
+class RedisServer:
+    """A throwaway, non-persistent redis-server of our own on a loopback port (tests, benchmarks, the
+    demo). Owning the process is what lets callers empty its databases: nothing here ever touches a
+    Redis it did not start."""
+
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    workdir: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise StackError("redis-server is not installed: apt-get install redis-server")
+        if not self.port:
+            self.port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+                "--logfile",
+                str(Path(self.workdir) / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                client.ping()
+                log.info("redis_started", port=self.port)
+                return self
+            time.sleep(0.05)
+        raise StackError(f"started redis-server on port {self.port} but it does not answer")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
     """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)

@@ -6,7 +6,6 @@ and consumer group so tests never see each other's data.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ import redis
 from guard.cpu import CpuEngine
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
-from infra.stack import Broker, S3Server, create_topics, ensure_bucket, ensure_redis, free_port
+from infra.stack import Broker, RedisServer, S3Server, create_topics, ensure_bucket, free_port
 from workers.settings import Settings
 
-REDIS_URL = os.environ.get("GUARDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 BUCKET = "guardstream-media"
 
 
@@ -38,14 +36,16 @@ class Services:
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    ensure_redis(REDIS_URL)
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    # Our own redis-server on a free port: tests empty its database between tests, which is only
+    # acceptable on a server nobody else uses.
+    redis_server = RedisServer().start()
     broker = Broker(port=free_port(), log_path=tmp_path_factory.mktemp("broker") / "tansu.log").start()
     s3 = S3Server(port=free_port()).start()
     ensure_bucket(boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1"), BUCKET)
-    yield Services(broker, s3, REDIS_URL)
+    yield Services(broker, s3, redis_server.url)
     s3.stop()
     broker.stop()
+    redis_server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from workers import metrics
 from workers.core import Moderator, Outcome, Prepared, Record
+from workers.kafka_config import consumer_config, producer_config
 from workers.settings import DeliveryMode, Settings
 
 log = structlog.get_logger(__name__)
@@ -74,38 +74,6 @@ class RunStats:
     batches: int = 0
     commits: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
-
-
-def consumer_config(s: Settings) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "bootstrap.servers": s.bootstrap_servers,
-        "group.id": s.group_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": s.session_timeout_ms,
-        "heartbeat.interval.ms": max(500, s.session_timeout_ms // 4),
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,  # tells --until-drained runs where each partition ends
-        "partition.assignment.strategy": "range",
-        "log.connection.close": False,
-    }
-    cfg.update(s.kafka_extra)
-    return cfg
-
-
-def producer_config(s: Settings) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "bootstrap.servers": s.bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "delivery.report.only.error": True,  # acks are checked by flush(); only failures call back
-        "message.timeout.ms": int(s.produce_timeout_s * 1000),
-        "log.connection.close": False,
-    }
-    cfg.update(s.kafka_extra)
-    return cfg
 
 
 class KafkaWorker:
