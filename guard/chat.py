@@ -225,14 +225,21 @@ def expand(batch: Sequence[ModerationItem], images_per_prompt: int = 1) -> list[
 
 def combine(parts: Sequence[Verdict]) -> Verdict:
     """One verdict per post from its per-image verdicts: unsafe if any part is unsafe (the first unsafe
-    part gives the category), a parse error if any part failed, P(unsafe) the maximum."""
+    part gives the category), else a parse error if any part failed, else safe. P(unsafe) is the
+    maximum. A part that failed to parse never hides another part's clear unsafe decision: an unsafe
+    post is published, not dead-lettered, and ``extra["images_failed"]`` says how many parts failed."""
     if len(parts) == 1:
         return parts[0]
     failed = [v for v in parts if v.parse_error]
-    unsafe = [v for v in parts if v.safe is False and not v.parse_error]
+    unsafe = [v for v in parts if v.safe is False]
+    # an unsafe part with a clean parse is the better source of the category
+    unsafe.sort(key=lambda v: v.parse_error)
     base = unsafe[0] if unsafe else (failed[0] if failed else parts[0])
     probs = [v.p_unsafe for v in parts if v.p_unsafe is not None]
-    merged = Verdict(
+    extra = {**base.extra, "images_judged": str(len(parts))}
+    if failed:
+        extra["images_failed"] = str(len(failed))
+    return Verdict(
         safe=False if unsafe else (None if failed else base.safe),
         category=base.category,
         subcategory=base.subcategory,
@@ -241,6 +248,5 @@ def combine(parts: Sequence[Verdict]) -> Verdict:
         reasoning="\n---\n".join(v.reasoning for v in parts if v.reasoning) or None,
         raw_output="\n---\n".join(v.raw_output for v in parts if v.raw_output) or None,
         parse_error=bool(failed) and not unsafe,
-        extra={**base.extra, "images_judged": str(len(parts))},
+        extra=extra,
     )
-    return merged

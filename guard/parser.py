@@ -8,18 +8,27 @@ Image prompts have no ``Response`` line. The RL reward in ProGuard's training co
 (train/verl/utils/reward_score/safety_grm.py) matches ``<thinking>`` tags, so both tag spellings are
 accepted. ``Category`` is ``None`` (safe), a taxonomy id (``C*S*``; text-image prompts ask for ``C*``),
 or a free-text guessed category name (~4 words): that is the novel, out-of-taxonomy risk description.
+
+An unsafe label is a decision and is never turned into a parse error (which dead-letters the post): a
+category the taxonomy lacks, a missing category or an echoed ``C*S*`` placeholder, or a broken
+``Response`` line after ``Request:unsafe`` keep ``safe=False`` and are flagged in ``extra``
+(``unknown_category``, ``category_missing``, ``response_label_invalid``).
 """
 
 from __future__ import annotations
 
 import re
 
-from guard.taxonomy import Taxonomy, looks_like_taxonomy_code
+from guard.taxonomy import Taxonomy
 from guard.types import Verdict
 
 _THINK = re.compile(r"<(think|thinking)>(?P<body>.*?)</\1>", re.DOTALL | re.IGNORECASE)
 _ANSWER = re.compile(r"<answer>(?P<body>.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FIELD = re.compile(r"^\s*(request|response|category)\s*[:：]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+# A leading taxonomy-shaped code is the category, whatever follows it ("C9S1: Self-Harm and Suicide",
+# "C9S1.", "C9S1 (self-harm)"); the rest is the model restating the name, not a novel risk.
+_CODE = re.compile(r"^((C\d+)(S\d+)?)\b", re.IGNORECASE)
+_TEMPLATE_ECHO = re.compile(r"^\**C\*(S\*)?\**$", re.IGNORECASE)  # the prompt's own "C*S*" placeholder
 MAX_NOVEL_RISK_CHARS = 120
 MAX_RAW_CHARS = 8000
 
@@ -69,34 +78,48 @@ def _parse(raw: str, taxonomy: Taxonomy, *, image_only: bool) -> Verdict:
     request = _label(fields.get("request"))
     if request is None:
         return _error(raw, f"Request label missing or not safe/unsafe: {fields.get('request')!r}", reasoning)
+    extra: dict[str, str] = {}
     response: bool | None = None
     if not image_only and "response" in fields:
         response = _label(fields["response"])
-        if response is None:
+        if response is None and _is_none(fields["response"]):
+            pass  # no agent reply was judged (posts have none): the request label decides
+        elif response is None and request:
+            # An unsafe request is a decision on its own: a broken Response line must not lose it.
+            extra["response_label_invalid"] = fields["response"][:40]
+        elif response is None:
             return _error(raw, f"Response label not safe/unsafe: {fields['response']!r}", reasoning)
     unsafe = request or bool(response)
-    category_raw = (fields.get("category") or "").strip().strip("`*\"' ")
     if not unsafe:
         return Verdict(safe=True, reasoning=reasoning, raw_output=raw[:MAX_RAW_CHARS])
-    if not category_raw or category_raw.lower() == "none":
-        v = _error(raw, "unsafe without a category", reasoning)
-        v.safe = False
-        return v
-    if looks_like_taxonomy_code(category_raw):
-        resolved = taxonomy.resolve(category_raw)
+    v = Verdict(safe=False, reasoning=reasoning, raw_output=raw[:MAX_RAW_CHARS], extra=extra)
+    category_field = (fields.get("category") or "").strip().strip("`\"' ")
+    category_raw = category_field.strip("`*\"' ")
+    code = _CODE.match(category_raw)
+    if code:
+        wanted = code.group(1).upper()
+        resolved = taxonomy.resolve(wanted)
         if resolved is None:
-            v = _error(raw, f"category {category_raw!r} is not in taxonomy {taxonomy.model.name}", reasoning)
-            v.safe = False
-            return v
-        return Verdict(
-            safe=False,
-            category=resolved.category.id,
-            subcategory=resolved.subcategory.id if resolved.subcategory else None,
-            reasoning=reasoning,
-            raw_output=raw[:MAX_RAW_CHARS],
-        )
-    novel = " ".join(category_raw.split())[:MAX_NOVEL_RISK_CHARS]
-    return Verdict(safe=False, novel_risk=novel, reasoning=reasoning, raw_output=raw[:MAX_RAW_CHARS])
+            # A well-formed code is a code, never a novel-risk description: keep the unsafe decision,
+            # fall back to its main category when that exists (C9S9 → C9), flag what the model said.
+            v.extra["unknown_category"] = wanted
+            resolved = taxonomy.resolve(code.group(2)) if code.group(3) else None
+        if resolved is not None:
+            v.category = resolved.category.id
+            v.subcategory = resolved.subcategory.id if resolved.subcategory else None
+        return v
+    if not category_raw or category_raw.lower() == "none":
+        v.extra["category_missing"] = "unsafe without a category"
+        return v
+    if _TEMPLATE_ECHO.match(category_field):
+        v.extra["category_missing"] = f"the model echoed the template: {category_field[:20]!r}"
+        return v
+    v.novel_risk = " ".join(category_raw.split())[:MAX_NOVEL_RISK_CHARS]
+    return v
+
+
+def _is_none(value: str) -> bool:
+    return value.strip().strip(".*`\"' ").lower() in ("none", "n/a", "")
 
 
 def format_output(

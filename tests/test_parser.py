@@ -4,8 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guard.chat import combine
 from guard.parser import format_output, parse_output
 from guard.prompts import PromptSet
+from guard.types import Verdict
 
 
 def A(body: str, think: str = "<think>\nreasoning here\n</think>\n") -> str:
@@ -38,11 +40,124 @@ CASES = [
     ("<think>\nI am not sure", False, (None, None, None, None, True)),  # truncated
     (A("Request:maybe\nResponse:safe\nCategory:None"), False, (None, None, None, None, True)),
     (A("Response:safe\nCategory:None"), False, (None, None, None, None, True)),
-    (A("Request:unsafe\nResponse:safe\nCategory:None"), False, (False, None, None, None, True)),
-    (A("Request:unsafe\nResponse:safe\nCategory:C99S1"), False, (False, None, None, None, True)),
-    (A("Request:unsafe\nResponse:perhaps\nCategory:C1S1"), False, (None, None, None, None, True)),
+    (A("Request:safe\nResponse:perhaps\nCategory:None"), False, (None, None, None, None, True)),
     ("", False, (None, None, None, None, True)),
 ]
+
+
+# Edge cases where an unsafe decision used to be lost (dead-lettered as a parse error) or a category code
+# leaked into novel_risk. raw, image_only, (safe, category, subcategory, novel_risk, parse_error), extra.
+EDGE_CASES = [
+    # a well-formed code the taxonomy lacks: still unsafe, main category when it exists, flagged
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C12S1"),
+        False,
+        (False, None, None, None, False),
+        {"unknown_category": "C12S1"},
+    ),
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C9S9"),
+        False,
+        (False, "C9", None, None, False),
+        {"unknown_category": "C9S9"},
+    ),
+    (A("Request:unsafe\nCategory:C99"), True, (False, None, None, None, False), {"unknown_category": "C99"}),
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C99S1"),
+        False,
+        (False, None, None, None, False),
+        {"unknown_category": "C99S1"},
+    ),
+    # a leading code is the code, whatever the model wrote after it
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C9S1: Self-Harm and Suicide"),
+        False,
+        (False, "C9", "C9S1", None, False),
+        {},
+    ),
+    (A("Request:unsafe\nResponse:safe\nCategory:C9S1."), False, (False, "C9", "C9S1", None, False), {}),
+    (A("Request:unsafe\nResponse:safe\nCategory:**C9S1**"), False, (False, "C9", "C9S1", None, False), {}),
+    (A("Request:unsafe\nCategory:`c4s2` (weapons)"), True, (False, "C4", "C4S2", None, False), {}),
+    (A("Request:unsafe\nResponse:safe\nCategory:C8 - Privacy"), False, (False, "C8", None, None, False), {}),
+    # not a code: a novel risk that merely starts with C and digits stays a novel risk
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C4 Explosive Tutorials"),
+        False,
+        (False, "C4", None, None, False),
+        {},
+    ),
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:Crypto Pump Scheme"),
+        False,
+        (False, None, None, "Crypto Pump Scheme", False),
+        {},
+    ),
+    # the model echoing the template placeholder is not a novel risk
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:C*S*"),
+        False,
+        (False, None, None, None, False),
+        {"category_missing": "the model echoed the template: 'C*S*'"},
+    ),
+    (
+        A("Request:unsafe\nCategory:C*"),
+        True,
+        (False, None, None, None, False),
+        {"category_missing": "the model echoed the template: 'C*'"},
+    ),
+    (
+        A("Request:unsafe\nResponse:safe\nCategory:None"),
+        False,
+        (False, None, None, None, False),
+        {"category_missing": "unsafe without a category"},
+    ),
+    (
+        A("Request:unsafe\nResponse:safe"),
+        False,
+        (False, None, None, None, False),
+        {"category_missing": "unsafe without a category"},
+    ),
+    # Request:unsafe keeps its label whatever the Response line says (or if it is missing)
+    (A("Request:unsafe\nResponse:None\nCategory:C1S1"), False, (False, "C1", "C1S1", None, False), {}),
+    (A("Request:unsafe\nCategory:C1S1"), False, (False, "C1", "C1S1", None, False), {}),
+    (
+        A("Request:unsafe\nResponse:perhaps\nCategory:C1S1"),
+        False,
+        (False, "C1", "C1S1", None, False),
+        {"response_label_invalid": "perhaps"},
+    ),
+    (A("Request:safe\nResponse:None\nCategory:None"), False, (True, None, None, None, False), {}),
+]
+
+
+@pytest.mark.parametrize(("raw", "image_only", "expected", "extra"), EDGE_CASES)
+def test_edge_cases_keep_the_unsafe_decision(
+    prompts: PromptSet,
+    raw: str,
+    image_only: bool,
+    expected: tuple[object, ...],
+    extra: dict[str, str],
+) -> None:
+    v = parse_output(raw, prompts.taxonomy, image_only=image_only)
+    assert (v.safe, v.category, v.subcategory, v.novel_risk, v.parse_error) == expected
+    assert v.extra == extra
+
+
+def test_a_failed_image_does_not_hide_another_images_unsafe_verdict(prompts: PromptSet) -> None:
+    tax = prompts.taxonomy
+    failed = parse_output("<think>\ntruncat", tax, image_only=True)
+    unsafe = parse_output(A("Request:unsafe\nCategory:C4S1"), tax, image_only=True)
+    safe = parse_output(A("Request:safe\nCategory:None"), tax, image_only=True)
+    for parts in ([failed, unsafe], [unsafe, failed], [safe, failed, unsafe]):
+        v = combine(parts)
+        assert (v.safe, v.category, v.subcategory, v.parse_error) == (False, "C4", "C4S1", False)
+        assert v.extra["images_failed"] == "1" and v.extra["images_judged"] == str(len(parts))
+    # an unsafe part that carries a parse error of its own (an older engine's output) still counts
+    legacy = Verdict(safe=False, parse_error=True, extra={"parse_error_reason": "unsafe without a category"})
+    assert combine([safe, legacy]).safe is False
+    v = combine([safe, failed])
+    assert (v.safe, v.parse_error) == (None, True)
+    assert combine([safe, safe]).safe is True
 
 
 @pytest.mark.parametrize(("raw", "image_only", "expected"), CASES)
