@@ -14,7 +14,8 @@ Semantics follow ProGuard's train/verl/utils/reward_score/safety_grm.py (``compu
   ``max((max_sim-a)/(1-a), (mean_sim-b)/(1-b)) * 0.5`` when positive. ProGuard uses a=0.7, b=0.6 with
   BGE-M3 similarities; here similarity is the cosine of MiniLM embeddings from the shipped wheel, whose
   scale is lower (near paraphrases ≈ 0.6-0.7, unrelated phrases ≈ 0.1-0.2), so the default floors are
-  a=0.5, b=0.4. Pass ``floors=PROGUARD_FLOORS`` with a BGE-M3 similarity to reproduce ProGuard exactly.
+  a=0.5, b=0.4. Pass ``floors=PROGUARD_FLOORS`` with a BGE-M3 similarity to reproduce ProGuard exactly
+  (see ``total_reward`` for the one deliberate difference: a missed OOD image).
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def ood_score(
 ) -> float:
     if _CODE.match(description):
         return 0.0
+    if not name:  # safety_grm.py skips the similarity calls without a category name: the base only
+        return 0.5
     a, b = floors
     sims = similarity(description, [name, *synonyms])
     bonus = max((max(sims) - a) / (1 - a) * 0.5, (sum(sims) / len(sims) - b) / (1 - b) * 0.5)
@@ -147,6 +150,7 @@ def ood_similarity_reward(
     completions: Sequence[Completion],
     extra_info: Sequence[dict[str, Any]],
     similarity: Similarity = minilm_similarity,
+    floors: tuple[float, float] = MINILM_FLOORS,
     **_: Any,
 ) -> list[float]:
     out = []
@@ -155,7 +159,9 @@ def ood_similarity_reward(
         if p is None or _gt_safe(e) or e["category"] != "" or p[2] == "None":
             out.append(0.0)
             continue
-        out.append(ood_score(p[2], e["original_category"], e.get("synonymous_phrase", []), similarity))
+        out.append(
+            ood_score(p[2], e["original_category"], e.get("synonymous_phrase", []), similarity, floors)
+        )
     return out
 
 
@@ -163,14 +169,47 @@ def total_reward(
     completions: Sequence[Completion],
     extra_info: Sequence[dict[str, Any]],
     similarity: Similarity = minilm_similarity,
+    floors: tuple[float, float] = MINILM_FLOORS,
+    proguard_image_quirk: bool = False,
     **_: Any,
 ) -> list[float]:
-    """ProGuard's composite score: 0 if malformed, else binary + (category or OOD) reward."""
+    """ProGuard's composite score: 0 if malformed, else binary + (category or OOD) reward.
+
+    With ``floors=PROGUARD_FLOORS`` and ProGuard's similarity this is ``compute_score`` of
+    safety_grm.py, with one deliberate difference: an out-of-taxonomy *image* sample (unsafe ground
+    truth) answered ``Request:safe`` scores 0 here and 0.5 in ProGuard. There, the early return for safe
+    answers tests ``answer_response_label == "safe"``, which is "" for image answers, so a safe image
+    answer falls through to the OOD branch and collects its 0.5 base for a description it never gave —
+    rewarding a missed unsafe image over an unsafe answer with a taxonomy id (0). We treat that as a bug;
+    ``proguard_image_quirk=True`` reproduces it for comparisons with ProGuard's own numbers.
+    """
     fmt = format_reward(completions, extra_info)
     b = binary_reward(completions, extra_info)
     cat = category_reward(completions, extra_info)
-    ood = ood_similarity_reward(completions, extra_info, similarity=similarity)
-    return [0.0 if f == 0 else bb + cc + oo for f, bb, cc, oo in zip(fmt, b, cat, ood, strict=True)]
+    ood = ood_similarity_reward(completions, extra_info, similarity=similarity, floors=floors)
+    out = [0.0 if f == 0 else bb + cc + oo for f, bb, cc, oo in zip(fmt, b, cat, ood, strict=True)]
+    if proguard_image_quirk:
+        for i, (c, e) in enumerate(zip(completions, extra_info, strict=True)):
+            p = parse(c, e["modality"])
+            if p and e["modality"] == "image" and not _gt_safe(e) and e["category"] == "" and p[0] == "safe":
+                out[i] += 0.5
+    return out
 
 
+def make_reward_funcs(
+    floors: tuple[float, float] = MINILM_FLOORS, similarity: Similarity = minilm_similarity
+) -> list[Callable[..., list[float]]]:
+    """The reward functions for TRL's ``GRPOTrainer(reward_funcs=...)`` with the OOD similarity and its
+    floors bound (TRL only passes dataset columns). Each keeps its name: TRL logs rewards by
+    ``__name__`` and the launcher's ``reward_weights`` are keyed by it."""
+
+    def ood_similarity_reward(
+        completions: Sequence[Completion], extra_info: Sequence[dict[str, Any]], **_: Any
+    ) -> list[float]:
+        return _ood_reward(completions, extra_info, similarity=similarity, floors=floors)
+
+    return [format_reward, binary_reward, category_reward, ood_similarity_reward]
+
+
+_ood_reward = ood_similarity_reward
 REWARD_FUNCS = [format_reward, binary_reward, category_reward, ood_similarity_reward]
