@@ -225,10 +225,10 @@ def test_export_from_real_topics(
     assert (texts["t4"]["category"], texts["t4"]["original_category"]) == ("", "Dangerous Viral Challenge")
     assert texts["t-drugs"]["query_label"] == "unsafe" and texts["t-drugs"]["label_source"] == "model"
     assert texts["t0"]["query_label"] == "safe" and "t-repost" not in texts
-    for r in recs:
-        assert r["prompt"][1]["content"].count("<image>") == len(r["images"])
+    for r in recs:  # TRL layout: TRL inserts the image parts itself; images are absolute paths
+        assert "<image>" not in r["prompt"][1]["content"]
         for img in r["images"]:
-            assert (out / img).is_file()
+            assert Path(img).is_absolute() and Path(img).is_file() and Path(img).parent == out / "images"
         if r["extra_info"]["modality"] == "text-image" and r["extra_info"]["category"]:
             assert "S" not in r["extra_info"]["category"]  # the text-image prompt asks for C*
     card = json.loads((out / "card.json").read_text())

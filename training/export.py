@@ -1,4 +1,4 @@
-"""Export labeled topics to ProGuard-style RL training data (verl's RLHF dataset layout, as JSONL).
+"""Export labeled topics to ProGuard-style RL training data, in the layout a trainer actually reads.
 
 Joins posts, verdicts and human reviews by post_id (a review overrides the model's label), dedups by
 content (text + image bytes), balances modalities to configurable ratios (ProGuard's dataset is
@@ -9,8 +9,16 @@ a dataset card.
 Each record carries what ProGuard's reward (train/verl/utils/reward_score/safety_grm.py) reads from
 ``extra_info``: ``query_label``, ``response_label``, ``category`` (the taxonomy id, or "" for an
 out-of-taxonomy risk), ``original_category`` (its name / description), ``modality`` and
-``synonymous_phrase``; the prompt is ProGuard's own (guard/prompts.py) with one ``<image>`` placeholder
-per image, as verl's multimodal datasets expect.
+``synonymous_phrase``. The prompt is ProGuard's own (guard/prompts.py). Two layouts (``fmt``):
+
+- ``trl`` (the default; ``training.launch`` trains on it): ``{split}.jsonl``; the user message is the
+  text alone — TRL's GRPOTrainer inserts one image part per entry of ``images`` before the user text
+  itself (``trl.data_utils.prepare_multimodal_messages``), so a literal ``<image>`` would reach the
+  model as text — and ``images`` are absolute paths (cast to ``datasets.Image`` by the launcher).
+- ``verl`` (ProGuard's own trainer, ``train/proguard-train.sh``): ``{split}.parquet``, read by verl's
+  ``RLHFDataset`` with ``datasets.load_dataset("parquet")``; one ``<image>`` per image in the user text
+  (verl splits the content on it) and ``images`` as ``{"bytes", "path"}`` dicts (its
+  ``process_image`` opens the bytes). Needs ``pyarrow`` (the ``train`` extra) and copied images.
 """
 
 from __future__ import annotations
@@ -68,6 +76,10 @@ class ExportReport:
     splits: Counter[str] = field(default_factory=Counter)
     label_sources: Counter[str] = field(default_factory=Counter)
     categories: Counter[str] = field(default_factory=Counter)
+    coarse_labels: int = 0  # unsafe labels with only a main category, for prompts that ask for C*S*
+
+
+FORMATS = ("trl", "verl")
 
 
 def parse_ratios(text: str) -> dict[str, float]:
@@ -166,7 +178,12 @@ class TrainingExporter:
         copy_images: bool = True,
         seed: int = 0,
         on_progress: Callable[[int], None] | None = None,
+        fmt: str = "trl",
     ) -> ExportReport:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+        if fmt == "verl" and not copy_images:
+            raise ValueError("the verl format embeds image bytes: export without --keep-s3-refs")
         ratios = ratios or parse_ratios("1:1:1")
         rep = ExportReport()
         verdicts, reviews = self._latest_verdicts(), self._latest_reviews()
@@ -185,6 +202,13 @@ class TrainingExporter:
             label = self.label_for(verdicts.get(post.post_id), reviews.get(post.post_id))
             if label is None:
                 rep.unlabeled += 1
+                continue
+            if (
+                label.unsafe
+                and label.category
+                and self.target_category(label.category, post.modality) is None
+            ):
+                rep.coarse_labels += 1
                 continue
             digests, files = [], []
             try:
@@ -225,34 +249,56 @@ class TrainingExporter:
         chosen.sort(key=lambda s: s.order)
         n_val = math.ceil(len(chosen) * val_fraction) if chosen and val_fraction > 0 else 0
         splits = {"train": chosen[: len(chosen) - n_val], "validation": chosen[len(chosen) - n_val :]}
-        for split, items in splits.items():
-            with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-                for i, smp in enumerate(items):
-                    rec = self.record(smp, split, i)
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    m = rec["extra_info"]["modality"]
-                    rep.selected[m] += 1
-                    rep.splits[split] += 1
-                    rep.label_sources[smp.label.source] += 1
-                    rep.categories[
-                        rec["extra_info"]["category"]
-                        or ("safe" if not smp.label.unsafe else "out-of-taxonomy")
-                    ] += 1
-        self.write_card(out_dir, rep, ratios, val_fraction)
+        self.write_splits(out_dir, splits, rep, fmt)
+        self.write_card(out_dir, rep, ratios, val_fraction, fmt)
         self.bank.save(out_dir / "synonym_bank.json")
         return rep
 
-    def record(self, smp: Sample, split: str, index: int) -> dict[str, Any]:
+    def write_splits(
+        self, out_dir: Path, splits: dict[str, list[Sample]], rep: ExportReport, fmt: str = "trl"
+    ) -> None:
+        """Write each split's records in ``fmt``'s layout (images already under ``out_dir``)."""
+        for split, items in splits.items():
+            records = [self.record(smp, split, i, fmt=fmt, root=out_dir) for i, smp in enumerate(items)]
+            for smp, rec in zip(items, records, strict=True):
+                rep.selected[rec["extra_info"]["modality"]] += 1
+                rep.splits[split] += 1
+                rep.label_sources[smp.label.source] += 1
+                rep.categories[
+                    rec["extra_info"]["category"] or ("safe" if not smp.label.unsafe else "out-of-taxonomy")
+                ] += 1
+            if fmt == "verl":
+                write_parquet(out_dir / f"{split}.parquet", records)
+            else:
+                with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+
+    def target_category(self, code: str, modality: Modality) -> tuple[str, str] | None:
+        """The (id, name) the prompt for ``modality`` asks for, from a label's taxonomy id: the text-image
+        prompt asks for a main category (C*), the text and image prompts for a subcategory (C*S*). A
+        label with only a main category fits the latter only when that category has one subcategory;
+        ``None`` otherwise (exporting ``C9`` would reward an answer the prompt forbids). A label id the
+        taxonomy lacks is exported as an out-of-taxonomy risk: ("", id)."""
+        res = self.tax.resolve(code)
+        if res is None:
+            return "", code
+        if modality is Modality.TEXT_IMAGE:
+            return res.category.id, res.category.name
+        sub = res.subcategory
+        if sub is None and len(res.category.subcategories) == 1:
+            sub = res.category.subcategories[0]
+        return (sub.id, sub.name) if sub else None
+
+    def record(
+        self, smp: Sample, split: str, index: int, *, fmt: str = "trl", root: Path | None = None
+    ) -> dict[str, Any]:
         post, lab = smp.post, smp.label
         modality = post.modality
         rendered = self.prompts.render(modality, post.text, len(smp.image_files))
         category, name = "", ""
-        if lab.unsafe and lab.category and (res := self.tax.resolve(lab.category)):
-            # the text-image prompt asks for the main category (C*); the others for a subcategory (C*S*)
-            sub = None if modality is Modality.TEXT_IMAGE else res.subcategory
-            category = sub.id if sub else res.category.id
-            name = sub.name if sub else res.category.name
-        elif lab.unsafe:
+        if lab.unsafe and lab.category and (target := self.target_category(lab.category, modality)):
+            category, name = target
+        if lab.unsafe and not name:
             name = lab.novel_risk or "Unspecified Emerging Risk"
         synonyms = self.bank.synonyms(name) if name else []
         answer = "\n".join(
@@ -262,13 +308,21 @@ class TrainingExporter:
                 f"Category:{category or name if lab.unsafe else 'None'}",
             ]
         )
+        base = root or Path(".")
+        images: list[Any]
+        if fmt == "verl":
+            user = "<image>" * len(smp.image_files) + user_text(rendered)
+            images = [{"bytes": (base / f).read_bytes(), "path": f} for f in smp.image_files]
+        else:
+            user = user_text(rendered)
+            images = [f if f.startswith("s3://") else str((base / f).resolve()) for f in smp.image_files]
         return {
             "data_source": "guardstream",
             "prompt": [
                 {"role": "system", "content": rendered.system},
-                {"role": "user", "content": "<image>" * len(smp.image_files) + user_text(rendered)},
+                {"role": "user", "content": user},
             ],
-            "images": smp.image_files,
+            "images": images,
             "ability": "safety",
             "reward_model": {"style": "rule", "ground_truth": f"<answer>\n{answer}\n</answer>"},
             "extra_info": {
@@ -288,10 +342,17 @@ class TrainingExporter:
         }
 
     def write_card(
-        self, out_dir: Path, rep: ExportReport, ratios: dict[str, float], val_fraction: float
+        self,
+        out_dir: Path,
+        rep: ExportReport,
+        ratios: dict[str, float],
+        val_fraction: float,
+        fmt: str = "trl",
     ) -> None:
         card = {
+            "format": fmt,
             "policy_version": self.prompts.policy_version,
+            "coarse_labels_skipped": rep.coarse_labels,
             "posts_read": rep.posts_read,
             "unlabeled_skipped": rep.unlabeled,
             "duplicates_removed": rep.duplicates,
@@ -308,13 +369,20 @@ class TrainingExporter:
         lines = [
             "# guardstream training export",
             "",
-            "ProGuard-style RL data (verl layout, JSONL): `train.jsonl`, `validation.jsonl`, `images/`,",
+            f"ProGuard-style RL data, `{fmt}` layout: "
+            + (
+                "`train.jsonl`, `validation.jsonl` (TRL)"
+                if fmt == "trl"
+                else "`train.parquet`, `validation.parquet` (verl)"
+            )
+            + ", `images/`,",
             "`synonym_bank.json`. Human review labels override model labels; content is deduplicated",
             "before a time-ordered train/validation split.",
             "",
             f"- policy version: `{self.prompts.policy_version}`",
             f"- posts read: {rep.posts_read}; unlabeled skipped: {rep.unlabeled}; duplicates removed: "
-            f"{rep.duplicates}; media errors: {rep.media_errors}",
+            f"{rep.duplicates}; media errors: {rep.media_errors}; labels with only a main category for "
+            f"a prompt that asks for a subcategory, skipped: {rep.coarse_labels}",
             "",
             "| modality | available | target ratio | selected |",
             "| --- | --- | --- | --- |",
@@ -331,6 +399,21 @@ class TrainingExporter:
         lines += ["", "| category | records |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(rep.categories.items())]
         (out_dir / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
+    """verl's layout: one row per record; ``images`` typed explicitly as ``list<struct<bytes, path>>``
+    (a split of text posts alone would otherwise infer ``list<null>``)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the verl export format needs pyarrow: pip install -e '.[train]'") from exc
+    image_type = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    images = pa.array([r["images"] for r in records], type=image_type)
+    rest = [{k: v for k, v in r.items() if k != "images"} for r in records]
+    table = pa.Table.from_pylist(rest) if rest else pa.table({})
+    pq.write_table(table.append_column("images", images), path)
 
 
 def post_error_code() -> Any:
