@@ -1,12 +1,20 @@
 """ProGuard through Hugging Face ``transformers`` (a dev GPU without vLLM). Same prompts as the vLLM
 engine (Qwen2.5-VL chat template, one image per request), greedy decoding, ``max_new_tokens`` 1024.
 
+Decoding starts from the checkpoint's ``generation_config`` (its repetition penalty, top-p/top-k), as
+``vllm serve`` — ProGuard's deploy path — does, and overrides only temperature (0: greedy), the token
+budget and the logprob outputs. P(unsafe) is read from the raw logits (``output_logits``): the
+processed ``scores`` have the repetition penalty (and, when sampling, temperature/top-k/top-p masks)
+applied, which distorts the label probabilities. Loading uses ``dtype=`` (transformers ≥ 4.56, PR
+#39782), ``torch_dtype=`` on older versions.
+
 Slower than vLLM (static batches, no paged attention or prefix cache); use it to debug prompts or
 compare outputs. Model and processor are injectable for tests.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,17 @@ class TransformersConfig:
     max_pixels: int = 1280 * 28 * 28
     max_tokens: int = 1024
     top_logprobs: int = 5
+    temperature: float = 0.0  # 0: greedy, as ProGuard's inference.py
+    seed: int = 0
+
+
+DTYPE_KWARG_SINCE = (4, 56)  # transformers PR #39782 renamed from_pretrained's torch_dtype to dtype
+
+
+def dtype_kwargs(transformers_version: str, dtype: Any) -> dict[str, Any]:
+    """``{"dtype": dtype}`` on transformers ≥ 4.56, ``{"torch_dtype": dtype}`` before."""
+    parts = tuple(int(x) for x in transformers_version.split(".")[:2] if x.isdigit())
+    return {"dtype": dtype} if parts >= DTYPE_KWARG_SINCE else {"torch_dtype": dtype}
 
 
 class TransformersEngine:
@@ -45,13 +64,16 @@ class TransformersEngine:
         self.model_version = f"{c.model}@transformers"
         if model is None or processor is None:
             import torch
+            import transformers
             from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
             processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
                 c.model, min_pixels=c.min_pixels, max_pixels=c.max_pixels
             )
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                c.model, dtype=getattr(torch, c.dtype), device_map=c.device_map
+                c.model,
+                device_map=c.device_map,
+                **dtype_kwargs(transformers.__version__, getattr(torch, c.dtype)),
             ).eval()  # type: ignore[no-untyped-call]
         processor.tokenizer.padding_side = "left"  # decoder-only batch generation
         self.model, self.processor = model, processor
@@ -65,6 +87,22 @@ class TransformersEngine:
             images.extend(it.images)
         return texts, images
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config`` with only temperature, the token budget and the
+        outputs overridden (keyword arguments to ``generate`` take precedence over the config)."""
+        c = self.config
+        base = getattr(self.model, "generation_config", None)
+        kw: dict[str, Any] = {
+            "generation_config": copy.deepcopy(base) if base is not None else None,
+            "max_new_tokens": c.max_tokens,
+            "do_sample": c.temperature > 0,
+            "output_logits": True,  # raw logits, before repetition penalty / warpers
+            "return_dict_in_generate": True,
+        }
+        if c.temperature > 0:
+            kw["temperature"] = c.temperature
+        return kw
+
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
         import torch
 
@@ -73,14 +111,10 @@ class TransformersEngine:
         try:
             inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
             inputs = inputs.to(self.model.device)
+            if self.config.temperature > 0:
+                torch.manual_seed(self.config.seed)
             with torch.inference_mode():
-                out = self.model.generate(
-                    **inputs,
-                    max_new_tokens=self.config.max_tokens,
-                    do_sample=False,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                )
+                out = self.model.generate(**inputs, **self.generate_kwargs())
         except Exception as exc:
             raise EngineError(f"transformers generate failed: {type(exc).__name__}: {exc}") from exc
         gen = out.sequences[:, inputs["input_ids"].shape[1] :]
@@ -92,11 +126,11 @@ class TransformersEngine:
             v = parse_output(text, self.taxonomy, image_only=it.modality is Modality.IMAGE)
             tokens: list[str] = []
             tops: list[dict[str, float]] = []
-            for step, scores in enumerate(out.scores):
+            for step, logits in enumerate(out.logits):
                 tid = int(gen[row, step])
                 if tid in eos:
                     break
-                lp = torch.log_softmax(scores[row].float(), dim=-1)
+                lp = torch.log_softmax(logits[row].float(), dim=-1)
                 vals, ids = lp.topk(self.config.top_logprobs)
                 tokens.append(tok.decode([tid]))
                 tops.append({tok.decode([int(j)]): float(x) for x, j in zip(vals, ids, strict=True)})
