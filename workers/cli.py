@@ -398,6 +398,7 @@ def cmd_export_training(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             copy_images=not args.keep_s3_refs,
             on_progress=lambda n: prog.advance(task, n),
+            fmt=args.format,
         )
     exp.close()
     Console().print((out / "README.md").read_text())
@@ -641,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--ratios", default="1:1:1", help="text:image:text-image")
     et.add_argument("--val-fraction", type=float, default=0.1)
     et.add_argument("--keep-s3-refs", action="store_true", help="do not copy images; keep s3:// refs")
+    et.add_argument(
+        "--format",
+        choices=["trl", "verl"],
+        default="trl",
+        help="trl: JSONL for training.launch; verl: parquet",
+    )
     et.set_defaults(func=cmd_export_training)
 
     al = sub.add_parser("alerts", help="run the emerging-risk alerts app (faust) over the novel-risk topic")
