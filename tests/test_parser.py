@@ -148,13 +148,15 @@ def test_a_failed_image_does_not_hide_another_images_unsafe_verdict(prompts: Pro
     failed = parse_output("<think>\ntruncat", tax, image_only=True)
     unsafe = parse_output(A("Request:unsafe\nCategory:C4S1"), tax, image_only=True)
     safe = parse_output(A("Request:safe\nCategory:None"), tax, image_only=True)
+    # an unsafe part that carries a parse error of its own (an unsafe label whose category did not
+    # resolve, as older parsers reported it) is still an unsafe decision
+    legacy = Verdict(safe=False, parse_error=True, extra={"parse_error_reason": "unsafe without a category"})
+    assert combine([failed, legacy]).safe is False
+    assert combine([safe, legacy]).safe is False
     for parts in ([failed, unsafe], [unsafe, failed], [safe, failed, unsafe]):
         v = combine(parts)
         assert (v.safe, v.category, v.subcategory, v.parse_error) == (False, "C4", "C4S1", False)
         assert v.extra["images_failed"] == "1" and v.extra["images_judged"] == str(len(parts))
-    # an unsafe part that carries a parse error of its own (an older engine's output) still counts
-    legacy = Verdict(safe=False, parse_error=True, extra={"parse_error_reason": "unsafe without a category"})
-    assert combine([safe, legacy]).safe is False
     v = combine([safe, failed])
     assert (v.safe, v.parse_error) == (None, True)
     assert combine([safe, safe]).safe is True
