@@ -111,3 +111,22 @@ def test_dtype_keyword_follows_the_transformers_version() -> None:
     assert dtype_kwargs("4.56.0", "x") == {"dtype": "x"}
     assert dtype_kwargs("4.55.4", "x") == {"torch_dtype": "x"}
     assert dtype_kwargs("4.44.0.dev0", "x") == {"torch_dtype": "x"}
+
+
+def test_top_logprobs_matches_a_per_row_reference() -> None:
+    """The vectorised extraction (one top-k per step, one host transfer) gives what a per-row, per-step
+    log-softmax gives: same values, same ids, laid out [row][step][k]."""
+    import torch
+
+    from guard.hf_engine import _top_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(3, 50, generator=g) for _ in range(4)]
+    vals, ids = _top_logprobs(steps, 5)
+    assert len(vals) == 3 and all(len(r) == 4 for r in vals)
+    for row in range(3):
+        for step, logits in enumerate(steps):
+            ref_v, ref_i = torch.log_softmax(logits[row], dim=-1).topk(5)
+            assert ids[row][step] == ref_i.tolist()
+            assert vals[row][step] == pytest.approx(ref_v.tolist(), abs=1e-6)
+    assert _top_logprobs([], 5) == ([], [])
