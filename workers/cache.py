@@ -24,10 +24,14 @@ return #KEYS
 
 
 def _frame(*parts: str) -> bytes:
-    """Length-prefixed UTF-8 parts: no two different part lists frame to the same bytes."""
+    """Length-prefixed UTF-8 parts: no two different part lists frame to the same bytes.
+
+    ``surrogatepass``: the decoder refuses lone surrogates (``schemas.codec``), but the hasher must be
+    total on any ``str`` — a crash here would stop the stream on every restart. For valid text the bytes
+    are exactly UTF-8 (the handler only runs on an error), so existing cache keys are unchanged."""
     out = bytearray()
     for part in parts:
-        b = part.encode("utf-8")
+        b = part.encode("utf-8", "surrogatepass")
         out += len(b).to_bytes(8, "big")
         out += b
     return bytes(out)
