@@ -94,8 +94,10 @@ def _run(services: Services, posts: list[list[str]], warmup: str) -> dict[str, i
     res: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
     growth = res["peak"] - res["before"]
     refs = sum(len(p) for p in posts)
-    print(f"\n{len(posts)} posts × {len(posts[0])} refs: peak RSS growth {growth >> 20} MiB, "
-          f"budget peak {res['budget_peak'] >> 20} MiB, {res['ok']} posts decoded")
+    print(
+        f"\n{len(posts)} posts × {len(posts[0])} refs: peak RSS growth {growth >> 20} MiB, "
+        f"budget peak {res['budget_peak'] >> 20} MiB, {res['ok']} posts decoded"
+    )
     res["growth"] = growth
     res["bound"] = BUDGET + refs * TARGET_PIXELS * 4 + SLACK
     return res
@@ -133,7 +135,9 @@ def test_2048_png_64x4_refs(services: Services, objects: dict[str, object]) -> N
 
 
 @pytest.mark.integration
-def test_distinct_39mp_pngs_stay_within_the_decode_budget(services: Services, objects: dict[str, object]) -> None:
+def test_distinct_39mp_pngs_stay_within_the_decode_budget(
+    services: Services, objects: dict[str, object]
+) -> None:
     distinct = objects["distinct"]
     assert isinstance(distinct, list)
     res = _run(services, [distinct[:4], distinct[4:]], f"{objects['prefix']}/warm.png")
