@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,10 +258,17 @@ def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool =
     raise StackError(f"started redis-server on port {port} but it does not answer")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 15.0) -> None:
+def create_topics(
+    bootstrap: str,
+    topics: dict[str, int],
+    timeout_s: float = 15.0,
+    extra: Mapping[str, str] | None = None,
+) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from workers.kafka_config import admin_config  # the one place client security settings come from
+
+    admin = AdminClient(admin_config(bootstrap, extra))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
     if not new:

@@ -42,6 +42,7 @@ def _training_exporter(s: Settings) -> TrainingExporter:
         posts_topic=s.posts_topic,
         verdicts_topic=s.verdicts_topic,
         reviews_topic=s.reviews_topic,
+        kafka_extra=s.kafka_extra,
     )
 
 
@@ -144,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             s3_endpoint_url=stack.s3.endpoint,
             session_timeout_ms=6000,
         )
-        create_topics(s.bootstrap_servers, _topics(s))
+        create_topics(s.bootstrap_servers, _topics(s), extra=s.kafka_extra)
         s3 = boto3.client("s3", endpoint_url=s.s3_endpoint_url)
         ensure_bucket(s3, s.allowed_buckets[0])
         feed, objects = build_feed(s.allowed_buckets[0])
@@ -156,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             alerts_proc = start_alerts_subprocess(s)
         for key, data in objects.items():
             s3.put_object(Bucket=s.allowed_buckets[0], Key=key, Body=data)
-        produce_all(s.bootstrap_servers, s.posts_topic, [(p.key, p.value) for p in feed])
+        produce_all(s.bootstrap_servers, s.posts_topic, [(p.key, p.value) for p in feed], extra=s.kafka_extra)
         console.print(
             f"[bold]seeded[/] {len(feed)} posts and {len(objects)} objects; loading the "
             f"[bold]{s.engine.value}[/] engine…"
@@ -166,9 +167,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             stats = worker.run(until_drained=True)
             elapsed = time.perf_counter() - t0
-        verdicts = [json.loads(v) for v in read_topic(s.bootstrap_servers, s.verdicts_topic)]
-        dlq = [json.loads(v) for v in read_topic(s.bootstrap_servers, s.dlq_topic)]
-        novel = read_topic(s.bootstrap_servers, s.novel_risk_topic)
+        bs, ex = s.bootstrap_servers, s.kafka_extra
+        verdicts = [json.loads(v) for v in read_topic(bs, s.verdicts_topic, extra=ex)]
+        dlq = [json.loads(v) for v in read_topic(bs, s.dlq_topic, extra=ex)]
+        novel = read_topic(bs, s.novel_risk_topic, extra=ex)
         t = Table(title=f"verdicts ({len(verdicts)})")
         for col in ("post_id", "modality", "safe", "category", "novel risk", "p_unsafe", "cache"):
             t.add_column(col, no_wrap=True)
@@ -249,7 +251,7 @@ def run_replay(
     from workers.app import build_moderator
     from workers.replay import Replayer, parse_bound, render_markdown
 
-    create_topics(s.bootstrap_servers, {audit_topic: 1})
+    create_topics(s.bootstrap_servers, {audit_topic: 1}, extra=s.kafka_extra)
     moderator = build_moderator(s)
     rp = Replayer(
         moderator,
@@ -258,6 +260,7 @@ def run_replay(
         dlq_topic=s.dlq_topic,
         audit_topic=audit_topic,
         batch_size=s.max_batch_size,
+        kafka_extra=s.kafka_extra,
     )
     console = Console(stderr=True)
     with Progress(
@@ -341,6 +344,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         start=start if isinstance(start, dt) else None,
         end=end if isinstance(end, dt) else None,
         author=args.author,
+        kafka_extra=s.kafka_extra,
     )
     log.info("audit_export_written", path=args.out, decisions=n)
     return 0
@@ -364,8 +368,13 @@ def cmd_review(args: argparse.Namespace) -> int:
         reviewer_id=args.reviewer,
         note=args.note,
     )
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1})
-    produce_all(s.bootstrap_servers, s.reviews_topic, [(ev.post_id.encode(), ev.model_dump_json().encode())])
+    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
+    produce_all(
+        s.bootstrap_servers,
+        s.reviews_topic,
+        [(ev.post_id.encode(), ev.model_dump_json().encode())],
+        extra=s.kafka_extra,
+    )
     log.info(
         "review_published", post_id=ev.post_id, unsafe=ev.unsafe, category=ev.category, topic=s.reviews_topic
     )
@@ -410,10 +419,11 @@ def start_alerts_subprocess(s: Settings) -> Any:
 
     from infra.stack import create_topics
 
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1})
+    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
     env = {
         **os.environ,
         "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
+        "GUARDSTREAM_KAFKA_EXTRA": json.dumps(s.kafka_extra),
         "GUARDSTREAM_NOVEL_RISK_TOPIC": s.novel_risk_topic,
         "GUARDSTREAM_ALERTS_TOPIC": s.alerts_topic,
         "GUARDSTREAM_ALERT_MIN_COUNT": "10",
@@ -444,7 +454,7 @@ def show_alert(s: Settings, proc: Any, console: Any) -> None:
         while time.monotonic() < deadline and not alerts and proc.poll() is None:
             alerts = [
                 AlertEvent.model_validate_json(v)
-                for v in read_topic(s.bootstrap_servers, s.alerts_topic, timeout_s=3)
+                for v in read_topic(s.bootstrap_servers, s.alerts_topic, timeout_s=3, extra=s.kafka_extra)
             ]
     t = Table(title=f"emerging-risk alerts ({len(alerts)})")
     for col in ("cluster", "representative", "size", "authors", "growth", "level", "examples"):
@@ -486,11 +496,12 @@ def demo_export(s: Settings, out: Path, console: Any) -> None:
             post_id="demo-text-2", unsafe=False, reviewer_id="demo-reviewer", note="confirmed benign"
         ),
     ]
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1})
+    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
     produce_all(
         s.bootstrap_servers,
         s.reviews_topic,
         [(r.post_id.encode(), r.model_dump_json().encode()) for r in reviews],
+        extra=s.kafka_extra,
     )
     exp = _training_exporter(s)
     exp.export(out, ratios=parse_ratios("1:1:1"), val_fraction=0.2)
@@ -506,7 +517,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     from workers.alerts import run_app
 
     s = _settings(args)
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1})
+    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
     run_app(s)
     return 0
 
