@@ -559,6 +559,33 @@ def cmd_schemas(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redrive(args: argparse.Namespace) -> int:
+    """Send dead letters of the chosen error codes back to the posts topic (idempotent)."""
+    from schemas.events import ErrorCode
+    from workers.redrive import redrive
+
+    s = _settings(args)
+    known = {c.value for c in ErrorCode}
+    unknown = sorted(set(args.code) - known)
+    if unknown:
+        raise SystemExit(f"unknown error code(s) {unknown}; choose from {sorted(known)}")
+    rep = redrive(
+        s.bootstrap_servers,
+        dlq_topic=s.dlq_topic,
+        posts_topic=s.posts_topic,
+        codes=set(args.code),
+        dry_run=args.dry_run,
+        limit=args.limit,
+        kafka_extra=s.kafka_extra,
+    )
+    verb = "would redrive" if rep.dry_run else "redriven"
+    print(
+        f"matched {rep.matched}, already redriven {rep.already}, unrecoverable {rep.unrecoverable}, "
+        f"{verb} {sum(rep.by_code.values())} {dict(rep.by_code)} -> {s.posts_topic}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardstream", description=__doc__)
     p.add_argument("--log-format", default=None, choices=["auto", "json", "console"])
@@ -662,6 +689,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--bootstrap-servers", dest="bootstrap_servers")
     cl.add_argument("--limit", type=int, default=30)
     cl.set_defaults(func=cmd_clusters)
+
+    rd = sub.add_parser("redrive", help="re-process dead letters of chosen error codes (idempotent)")
+    rd.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    rd.add_argument("--code", action="append", required=True, help="error code to redrive (repeatable)")
+    rd.add_argument("--dry-run", action="store_true", help="count what would be redriven; write nothing")
+    rd.add_argument("--limit", type=int, help="redrive at most this many dead letters")
+    rd.set_defaults(func=cmd_redrive)
 
     sc = sub.add_parser("schemas", help="write JSON Schema files to schemas/json/")
     sc.set_defaults(func=cmd_schemas)
