@@ -88,7 +88,7 @@ class Broker:
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
         )
         wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
-        log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage.split("@")[-1])
+        log.info("broker_started", bootstrap=self.bootstrap, storage=_mask(self.storage))
         return self
 
     def stop(self, kill: bool = False) -> None:
@@ -211,6 +211,12 @@ class RedisServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _mask(url: str) -> str:
+    from workers.secrets import mask_url  # one masking rule for the whole project
+
+    return mask_url(url)
+
+
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
     """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
@@ -222,7 +228,7 @@ def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool =
     exe = shutil.which("redis-server")
     if not start_if_missing or exe is None:
         raise StackError(
-            f"Redis is not answering at {url} and redis-server is not installed. "
+            f"Redis is not answering at {_mask(url)} and redis-server is not installed. "
             "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
         )
     conn = client.connection_pool.connection_kwargs

@@ -71,6 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import boto3
 
     from infra.stack import LocalStack, create_topics, ensure_bucket
+    from workers.secrets import mask_url
 
     s = _settings(args)
     stack = LocalStack(
@@ -83,7 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "stack_up",
             broker=stack.broker.bootstrap,
             s3=stack.s3.endpoint,
-            redis=s.redis_url,
+            redis=mask_url(s.redis_url),
             topics=list(_topics(s)),
             bucket=s.allowed_buckets[0],
             hint="Ctrl-C to stop",

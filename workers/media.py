@@ -37,6 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from schemas.events import ErrorCode, ImageRef
+from workers.secrets import mask_urls_in
 
 log = structlog.get_logger(__name__)
 
@@ -328,7 +329,8 @@ class MediaFetcher:
         except ParamValidationError as exc:
             raise MediaError(ErrorCode.IMAGE_REF_INVALID, f"{uri}: {exc}"[:300]) from None
         except (BotoCoreError, OSError) as exc:  # no credentials, connection refused/reset, timeouts
-            raise MediaUnavailable(f"S3 unreachable for {uri}: {type(exc).__name__}: {exc}"[:300]) from None
+            detail = mask_urls_in(f"{type(exc).__name__}: {exc}")  # botocore names the endpoint URL
+            raise MediaUnavailable(f"S3 unreachable for {uri}: {detail}"[:300]) from None
         if len(data) > self._max_bytes:
             raise MediaError(ErrorCode.IMAGE_TOO_LARGE, f"{uri} body exceeds cap {self._max_bytes}")
         image = decode_image(data, self._max_pixels, target_pixels=self._target_pixels, budget=self.budget)
