@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
 
 from workers.logging import configure_logging
 from workers.settings import Settings
@@ -560,6 +561,26 @@ def cmd_schemas(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Pre-flight: one line per dependency; exit 2 naming the fix if any check fails."""
+    from workers.preflight import check_broker, check_bucket, check_engine, check_redis, load_settings
+
+    overrides = {
+        n: getattr(args, n)
+        for n in ("bootstrap_servers", "engine", "redis_url", "s3_endpoint_url")
+        if getattr(args, n, None) is not None
+    }
+    s, first = load_settings(**overrides)
+    results = [first]
+    if s is not None and not args.settings_only:
+        results += [check_broker(s), check_bucket(s), check_redis(s)]
+        if not args.skip_engine:
+            results.append(check_engine(s))
+    for r in results:
+        print(r.line(), flush=True)
+    return 0 if all(r.ok for r in results) else 2
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Send dead letters of the chosen error codes back to the posts topic (idempotent)."""
     from schemas.events import ErrorCode
@@ -691,6 +712,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--limit", type=int, default=30)
     cl.set_defaults(func=cmd_clusters)
 
+    ck = sub.add_parser("check", help="pre-flight: validate settings and reach broker, bucket, Redis, engine")
+    ck.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    ck.add_argument("--s3-endpoint-url", dest="s3_endpoint_url")
+    ck.add_argument("--redis-url", dest="redis_url")
+    ck.add_argument("--engine", choices=["cpu", "vllm", "vllm-server", "transformers"])
+    ck.add_argument("--settings-only", action="store_true", help="validate the settings; contact nothing")
+    ck.add_argument("--skip-engine", action="store_true", help="do not build or probe the engine")
+    ck.set_defaults(func=cmd_check)
+
     rd = sub.add_parser("redrive", help="re-process dead letters of chosen error codes (idempotent)")
     rd.add_argument("--bootstrap-servers", dest="bootstrap_servers")
     rd.add_argument("--code", action="append", required=True, help="error code to redrive (repeatable)")
@@ -705,7 +735,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = Settings()
+    try:
+        env = Settings()
+    except ValidationError as exc:
+        if args.cmd != "check":  # `check` reports each invalid variable itself
+            from workers.preflight import load_settings
+
+            print(load_settings()[1].line(), file=sys.stderr)
+            raise SystemExit(2) from exc
+        env = Settings.model_construct()
     # the demo prints its own tables; per-post log lines would drown them unless asked for
     default_level = (
         "WARNING" if args.cmd == "demo" and "GUARDSTREAM_LOG_LEVEL" not in os.environ else env.log_level
