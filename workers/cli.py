@@ -100,6 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import build_worker
+    from workers.media import MediaUnavailable
     from workers.metrics import start_metrics_server
     from workers.runner import BrokerUnavailable, PublishError
 
@@ -110,7 +111,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker.install_signal_handlers()
     try:
         stats = worker.run(until_drained=args.until_drained)
-    except (BrokerUnavailable, PublishError) as exc:
+    except (BrokerUnavailable, PublishError, MediaUnavailable) as exc:
         # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
         log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
         return 3
