@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class Broker:
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
         )
         wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
-        log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage.split("@")[-1])
+        log.info("broker_started", bootstrap=self.bootstrap, storage=_mask(self.storage))
         return self
 
     def stop(self, kill: bool = False) -> None:
@@ -210,6 +211,12 @@ class RedisServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _mask(url: str) -> str:
+    from workers.secrets import mask_url  # one masking rule for the whole project
+
+    return mask_url(url)
+
+
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
     """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
@@ -221,7 +228,7 @@ def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool =
     exe = shutil.which("redis-server")
     if not start_if_missing or exe is None:
         raise StackError(
-            f"Redis is not answering at {url} and redis-server is not installed. "
+            f"Redis is not answering at {_mask(url)} and redis-server is not installed. "
             "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
         )
     conn = client.connection_pool.connection_kwargs
@@ -257,10 +264,17 @@ def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool =
     raise StackError(f"started redis-server on port {port} but it does not answer")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 15.0) -> None:
+def create_topics(
+    bootstrap: str,
+    topics: dict[str, int],
+    timeout_s: float = 15.0,
+    extra: Mapping[str, str] | None = None,
+) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from workers.kafka_config import admin_config  # the one place client security settings come from
+
+    admin = AdminClient(admin_config(bootstrap, extra))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
     if not new:

@@ -38,6 +38,12 @@ def decode_post(raw: bytes | None) -> PostEvent:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DecodeError(ErrorCode.INVALID_JSON, f"not UTF-8 JSON: {exc}"[:500]) from None
+    if not _is_unicode(obj):
+        # json.loads accepts "\ud800" escapes; pydantic's JSON parser (the fast path above) and every
+        # consumer downstream (UTF-8 Kafka keys and events, tokenizers, HTTP engines) do not. Such a
+        # string is not Unicode text (RFC 8259 §8.2, RFC 7493 §2.1), so the post is refused here, once,
+        # with a stable code, rather than each component learning to carry it.
+        raise DecodeError(ErrorCode.INVALID_JSON, "a string contains an unpaired UTF-16 surrogate escape")
     if not isinstance(obj, dict):
         raise DecodeError(ErrorCode.INVALID_EVENT, f"expected a JSON object, got {type(obj).__name__}")
     post_id = obj.get("post_id") if isinstance(obj.get("post_id"), str) else None
@@ -66,3 +72,12 @@ def _check_content(post: PostEvent) -> PostEvent:
     if not (post.text and post.text.strip()) and not post.images:
         raise DecodeError(ErrorCode.EMPTY_POST, "post has neither text nor images", post.post_id)
     return post
+
+
+def _is_unicode(obj: object) -> bool:
+    """False if any string (key or value) in a parsed JSON document holds a lone surrogate."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -28,7 +28,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -120,8 +120,10 @@ class TrainingExporter:
         verdicts_topic: str,
         reviews_topic: str,
         bank: SynonymBank | None = None,
+        kafka_extra: Mapping[str, str] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.extra = dict(kafka_extra or {})
         self.prompts = prompts
         self.tax = prompts.taxonomy
         self.fetcher = fetcher
@@ -130,7 +132,7 @@ class TrainingExporter:
 
     def _latest_verdicts(self) -> dict[str, VerdictEvent]:
         out: dict[str, VerdictEvent] = {}
-        for r in read_records(self.bootstrap, self.verdicts_topic):
+        for r in read_records(self.bootstrap, self.verdicts_topic, extra=self.extra):
             try:
                 v = VerdictEvent.model_validate_json(r.value or b"")
             except ValueError:
@@ -141,7 +143,7 @@ class TrainingExporter:
 
     def _latest_reviews(self) -> dict[str, ReviewEvent]:
         out: dict[str, ReviewEvent] = {}
-        for r in read_records(self.bootstrap, self.reviews_topic):
+        for r in read_records(self.bootstrap, self.reviews_topic, extra=self.extra):
             try:
                 v = ReviewEvent.model_validate_json(r.value or b"")
             except ValueError:
@@ -189,7 +191,7 @@ class TrainingExporter:
         verdicts, reviews = self._latest_verdicts(), self._latest_reviews()
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         by_hash: dict[str, Sample] = {}
-        for r in read_records(self.bootstrap, self.posts_topic):
+        for r in read_records(self.bootstrap, self.posts_topic, extra=self.extra):
             if on_progress:
                 on_progress(1)
             try:

@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from workers.clustering import Cluster, add, check_alert, merge_near_duplicates
+from workers.kafka_config import faust_broker_kwargs
 from workers.settings import Settings
 from workers.topics import read_records
 
@@ -48,6 +49,7 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=max(settings.session_timeout_ms / 4000, 0.5),
         broker_rebalance_timeout=max(settings.session_timeout_ms / 1000, 10.0),
+        **faust_broker_kwargs(settings.kafka_extra),  # the same TLS/SASL settings as every other client
     )
     source = app.topic(settings.novel_risk_topic, value_type=bytes, value_serializer="raw")
     alerts = app.topic(settings.alerts_topic, value_type=bytes, value_serializer="raw")
@@ -138,7 +140,7 @@ def read_clusters(settings: Settings) -> dict[str, Cluster]:
     """The app's current clusters, rebuilt from the table's changelog topic (latest value per key)."""
     out: dict[str, Cluster] = {}
     topic = f"{settings.alerts_app_id}-{TABLE}-changelog"
-    for r in read_records(settings.bootstrap_servers, topic):
+    for r in read_records(settings.bootstrap_servers, topic, extra=settings.kafka_extra):
         if r.key is None:
             continue
         cid = json.loads(r.key)

@@ -18,6 +18,8 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
         settings.max_image_bytes,
         settings.max_image_pixels,
         settings.fetch_concurrency,
+        target_pixels=settings.vllm_max_pixels,  # the engine's own pixel bound: decode no more than it uses
+        decode_budget_bytes=settings.decode_budget_bytes,
     )
 
 

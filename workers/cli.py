@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
 
 from workers.logging import configure_logging
 from workers.settings import Settings
@@ -42,6 +43,7 @@ def _training_exporter(s: Settings) -> TrainingExporter:
         posts_topic=s.posts_topic,
         verdicts_topic=s.verdicts_topic,
         reviews_topic=s.reviews_topic,
+        kafka_extra=s.kafka_extra,
     )
 
 
@@ -70,6 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import boto3
 
     from infra.stack import LocalStack, create_topics, ensure_bucket
+    from workers.secrets import mask_url
 
     s = _settings(args)
     stack = LocalStack(
@@ -82,7 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "stack_up",
             broker=stack.broker.bootstrap,
             s3=stack.s3.endpoint,
-            redis=s.redis_url,
+            redis=mask_url(s.redis_url),
             topics=list(_topics(s)),
             bucket=s.allowed_buckets[0],
             hint="Ctrl-C to stop",
@@ -97,6 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import build_worker
+    from workers.media import MediaUnavailable
     from workers.metrics import start_metrics_server
     from workers.runner import BrokerUnavailable, PublishError
 
@@ -107,7 +111,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker.install_signal_handlers()
     try:
         stats = worker.run(until_drained=args.until_drained)
-    except (BrokerUnavailable, PublishError) as exc:
+    except (BrokerUnavailable, PublishError, MediaUnavailable) as exc:
         # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
         log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
         return 3
@@ -144,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             s3_endpoint_url=stack.s3.endpoint,
             session_timeout_ms=6000,
         )
-        create_topics(s.bootstrap_servers, _topics(s))
+        create_topics(s.bootstrap_servers, _topics(s), extra=s.kafka_extra)
         s3 = boto3.client("s3", endpoint_url=s.s3_endpoint_url)
         ensure_bucket(s3, s.allowed_buckets[0])
         feed, objects = build_feed(s.allowed_buckets[0])
@@ -156,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             alerts_proc = start_alerts_subprocess(s)
         for key, data in objects.items():
             s3.put_object(Bucket=s.allowed_buckets[0], Key=key, Body=data)
-        produce_all(s.bootstrap_servers, s.posts_topic, [(p.key, p.value) for p in feed])
+        produce_all(s.bootstrap_servers, s.posts_topic, [(p.key, p.value) for p in feed], extra=s.kafka_extra)
         console.print(
             f"[bold]seeded[/] {len(feed)} posts and {len(objects)} objects; loading the "
             f"[bold]{s.engine.value}[/] engine…"
@@ -166,9 +170,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             stats = worker.run(until_drained=True)
             elapsed = time.perf_counter() - t0
-        verdicts = [json.loads(v) for v in read_topic(s.bootstrap_servers, s.verdicts_topic)]
-        dlq = [json.loads(v) for v in read_topic(s.bootstrap_servers, s.dlq_topic)]
-        novel = read_topic(s.bootstrap_servers, s.novel_risk_topic)
+        bs, ex = s.bootstrap_servers, s.kafka_extra
+        verdicts = [json.loads(v) for v in read_topic(bs, s.verdicts_topic, extra=ex)]
+        dlq = [json.loads(v) for v in read_topic(bs, s.dlq_topic, extra=ex)]
+        novel = read_topic(bs, s.novel_risk_topic, extra=ex)
         t = Table(title=f"verdicts ({len(verdicts)})")
         for col in ("post_id", "modality", "safe", "category", "novel risk", "p_unsafe", "cache"):
             t.add_column(col, no_wrap=True)
@@ -249,7 +254,7 @@ def run_replay(
     from workers.app import build_moderator
     from workers.replay import Replayer, parse_bound, render_markdown
 
-    create_topics(s.bootstrap_servers, {audit_topic: 1})
+    create_topics(s.bootstrap_servers, {audit_topic: 1}, extra=s.kafka_extra)
     moderator = build_moderator(s)
     rp = Replayer(
         moderator,
@@ -258,6 +263,7 @@ def run_replay(
         dlq_topic=s.dlq_topic,
         audit_topic=audit_topic,
         batch_size=s.max_batch_size,
+        kafka_extra=s.kafka_extra,
     )
     console = Console(stderr=True)
     with Progress(
@@ -341,6 +347,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         start=start if isinstance(start, dt) else None,
         end=end if isinstance(end, dt) else None,
         author=args.author,
+        kafka_extra=s.kafka_extra,
     )
     log.info("audit_export_written", path=args.out, decisions=n)
     return 0
@@ -364,8 +371,13 @@ def cmd_review(args: argparse.Namespace) -> int:
         reviewer_id=args.reviewer,
         note=args.note,
     )
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1})
-    produce_all(s.bootstrap_servers, s.reviews_topic, [(ev.post_id.encode(), ev.model_dump_json().encode())])
+    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
+    produce_all(
+        s.bootstrap_servers,
+        s.reviews_topic,
+        [(ev.post_id.encode(), ev.model_dump_json().encode())],
+        extra=s.kafka_extra,
+    )
     log.info(
         "review_published", post_id=ev.post_id, unsafe=ev.unsafe, category=ev.category, topic=s.reviews_topic
     )
@@ -411,10 +423,11 @@ def start_alerts_subprocess(s: Settings) -> Any:
 
     from infra.stack import create_topics
 
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1})
+    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
     env = {
         **os.environ,
         "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
+        "GUARDSTREAM_KAFKA_EXTRA": json.dumps(s.kafka_extra),
         "GUARDSTREAM_NOVEL_RISK_TOPIC": s.novel_risk_topic,
         "GUARDSTREAM_ALERTS_TOPIC": s.alerts_topic,
         "GUARDSTREAM_ALERT_MIN_COUNT": "10",
@@ -445,7 +458,7 @@ def show_alert(s: Settings, proc: Any, console: Any) -> None:
         while time.monotonic() < deadline and not alerts and proc.poll() is None:
             alerts = [
                 AlertEvent.model_validate_json(v)
-                for v in read_topic(s.bootstrap_servers, s.alerts_topic, timeout_s=3)
+                for v in read_topic(s.bootstrap_servers, s.alerts_topic, timeout_s=3, extra=s.kafka_extra)
             ]
     t = Table(title=f"emerging-risk alerts ({len(alerts)})")
     for col in ("cluster", "representative", "size", "authors", "growth", "level", "examples"):
@@ -487,11 +500,12 @@ def demo_export(s: Settings, out: Path, console: Any) -> None:
             post_id="demo-text-2", unsafe=False, reviewer_id="demo-reviewer", note="confirmed benign"
         ),
     ]
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1})
+    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
     produce_all(
         s.bootstrap_servers,
         s.reviews_topic,
         [(r.post_id.encode(), r.model_dump_json().encode()) for r in reviews],
+        extra=s.kafka_extra,
     )
     exp = _training_exporter(s)
     exp.export(out, ratios=parse_ratios("1:1:1"), val_fraction=0.2)
@@ -507,7 +521,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     from workers.alerts import run_app
 
     s = _settings(args)
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1})
+    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
     run_app(s)
     return 0
 
@@ -546,6 +560,53 @@ def cmd_schemas(_args: argparse.Namespace) -> int:
     from schemas.export import main
 
     main()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Pre-flight: one line per dependency; exit 2 naming the fix if any check fails."""
+    from workers.preflight import check_broker, check_bucket, check_engine, check_redis, load_settings
+
+    overrides = {
+        n: getattr(args, n)
+        for n in ("bootstrap_servers", "engine", "redis_url", "s3_endpoint_url")
+        if getattr(args, n, None) is not None
+    }
+    s, first = load_settings(**overrides)
+    results = [first]
+    if s is not None and not args.settings_only:
+        results += [check_broker(s), check_bucket(s), check_redis(s)]
+        if not args.skip_engine:
+            results.append(check_engine(s))
+    for r in results:
+        print(r.line(), flush=True)
+    return 0 if all(r.ok for r in results) else 2
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    """Send dead letters of the chosen error codes back to the posts topic (idempotent)."""
+    from schemas.events import ErrorCode
+    from workers.redrive import redrive
+
+    s = _settings(args)
+    known = {c.value for c in ErrorCode}
+    unknown = sorted(set(args.code) - known)
+    if unknown:
+        raise SystemExit(f"unknown error code(s) {unknown}; choose from {sorted(known)}")
+    rep = redrive(
+        s.bootstrap_servers,
+        dlq_topic=s.dlq_topic,
+        posts_topic=s.posts_topic,
+        codes=set(args.code),
+        dry_run=args.dry_run,
+        limit=args.limit,
+        kafka_extra=s.kafka_extra,
+    )
+    verb = "would redrive" if rep.dry_run else "redriven"
+    print(
+        f"matched {rep.matched}, already redriven {rep.already}, unrecoverable {rep.unrecoverable}, "
+        f"{verb} {sum(rep.by_code.values())} {dict(rep.by_code)} -> {s.posts_topic}"
+    )
     return 0
 
 
@@ -659,6 +720,22 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--limit", type=int, default=30)
     cl.set_defaults(func=cmd_clusters)
 
+    ck = sub.add_parser("check", help="pre-flight: validate settings and reach broker, bucket, Redis, engine")
+    ck.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    ck.add_argument("--s3-endpoint-url", dest="s3_endpoint_url")
+    ck.add_argument("--redis-url", dest="redis_url")
+    ck.add_argument("--engine", choices=["cpu", "vllm", "vllm-server", "transformers"])
+    ck.add_argument("--settings-only", action="store_true", help="validate the settings; contact nothing")
+    ck.add_argument("--skip-engine", action="store_true", help="do not build or probe the engine")
+    ck.set_defaults(func=cmd_check)
+
+    rd = sub.add_parser("redrive", help="re-process dead letters of chosen error codes (idempotent)")
+    rd.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    rd.add_argument("--code", action="append", required=True, help="error code to redrive (repeatable)")
+    rd.add_argument("--dry-run", action="store_true", help="count what would be redriven; write nothing")
+    rd.add_argument("--limit", type=int, help="redrive at most this many dead letters")
+    rd.set_defaults(func=cmd_redrive)
+
     sc = sub.add_parser("schemas", help="write JSON Schema files to schemas/json/")
     sc.set_defaults(func=cmd_schemas)
     return p
@@ -666,7 +743,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = Settings()
+    try:
+        env = Settings()
+    except ValidationError as exc:
+        if args.cmd != "check":  # `check` reports each invalid variable itself
+            from workers.preflight import load_settings
+
+            print(load_settings()[1].line(), file=sys.stderr)
+            raise SystemExit(2) from exc
+        env = Settings.model_construct()
     # the demo prints its own tables; per-post log lines would drown them unless asked for
     default_level = (
         "WARNING" if args.cmd == "demo" and "GUARDSTREAM_LOG_LEVEL" not in os.environ else env.log_level

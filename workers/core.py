@@ -341,4 +341,5 @@ def _post_id_hint(raw: bytes | None) -> str | None:
     except Exception:
         return None
     pid = obj.get("post_id") if isinstance(obj, dict) else None
-    return pid[:256] if isinstance(pid, str) else None
+    # a lone surrogate ("\ud800") would make the dead letter itself unserialisable: replace it
+    return pid[:256].encode("utf-8", "replace").decode("utf-8") if isinstance(pid, str) else None

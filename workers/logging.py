@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from workers.secrets import mask_log_secrets
+
 
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -20,6 +22,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            mask_log_secrets,  # after exception formatting: a traceback can hold a URL too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

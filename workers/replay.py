@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.events import AuditRecord, DeadLetterEvent, DecisionSummary, VerdictEvent
 from workers.core import Moderator, Outcome, Record
+from workers.kafka_config import reader_config, writer_config
 from workers.topics import read_records
 
 Bound = int | datetime | None
@@ -117,9 +118,11 @@ class Replayer:
         dlq_topic: str,
         audit_topic: str,
         batch_size: int = 64,
+        kafka_extra: Mapping[str, str] | None = None,
     ) -> None:
         self.m = moderator
         self.bootstrap = bootstrap
+        self.extra = dict(kafka_extra or {})
         self.verdicts_topic = verdicts_topic
         self.dlq_topic = dlq_topic
         self.audit_topic = audit_topic
@@ -129,7 +132,7 @@ class Replayer:
     def originals(self) -> dict[str, DecisionSummary]:
         """The latest live decision per post_id, from the verdicts and dead-letter topics."""
         out: dict[str, DecisionSummary] = {}
-        for r in read_records(self.bootstrap, self.verdicts_topic):
+        for r in read_records(self.bootstrap, self.verdicts_topic, extra=self.extra):
             try:
                 v = VerdictEvent.model_validate_json(r.value or b"")
             except ValueError:
@@ -137,7 +140,7 @@ class Replayer:
             prev = out.get(v.post_id)
             if prev is None or (prev.decided_at or v.decided_at) <= v.decided_at:
                 out[v.post_id] = summarize(v, v.engine, v.model_version, v.policy_version)
-        for r in read_records(self.bootstrap, self.dlq_topic):
+        for r in read_records(self.bootstrap, self.dlq_topic, extra=self.extra):
             try:
                 d = DeadLetterEvent.model_validate_json(r.value or b"")
             except ValueError:
@@ -150,7 +153,7 @@ class Replayer:
         prefix = f"{replay_id}:".encode()
         return {
             (int(p), int(o))
-            for r in read_records(self.bootstrap, self.audit_topic)
+            for r in read_records(self.bootstrap, self.audit_topic, extra=self.extra)
             if r.key and r.key.startswith(prefix)
             for _, p, o in [r.key.decode().rsplit(":", 2)]
         }
@@ -159,15 +162,7 @@ class Replayer:
         self, topic: str, start: Bound, end: Bound, partitions: list[int] | None
     ) -> Iterator[Record]:
         """Records of ``topic`` within [start, end] (offsets or times, inclusive), read by assignment."""
-        c = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": "guardstream-replay-reader",
-                "enable.auto.commit": False,
-                "log.connection.close": False,
-                "isolation.level": "read_committed",
-            }
-        )
+        c = Consumer(reader_config(self.bootstrap, self.extra, group_id="guardstream-replay-reader"))
         try:
             md = c.list_topics(topic, timeout=15).topics[topic]
             parts = sorted(partitions if partitions is not None else md.partitions)
@@ -225,15 +220,7 @@ class Replayer:
         report = ReplayReport(replay_id)
         originals = self.originals()
         done = self.done(replay_id)
-        producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "log.connection.close": False,
-            }
-        )
+        producer = Producer(writer_config(self.bootstrap, self.extra))
         batch: list[Record] = []
 
         def flush_batch() -> None:
@@ -359,11 +346,12 @@ def export_decisions(
     start: datetime | None = None,
     end: datetime | None = None,
     author: str | None = None,
+    kafka_extra: Mapping[str, str] | None = None,
 ) -> int:
     """Write every decision in [start, end] (decision time), optionally for one author, as JSONL."""
     n = 0
     with out.open("w", encoding="utf-8") as f:
-        for r in read_records(bootstrap, verdicts_topic):
+        for r in read_records(bootstrap, verdicts_topic, extra=kafka_extra):
             try:
                 v = VerdictEvent.model_validate_json(r.value or b"")
             except ValueError:

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     lag_interval_s: float = Field(10.0, gt=0)
 
+    # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together
+    decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=16 * 1024 * 1024)
+
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
             join_threshold=self.alert_join_threshold,

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from workers.kafka_config import reader_config, writer_config
 
-def produce_all(bootstrap: str, topic: str, items: Iterable[tuple[bytes | str | None, bytes]]) -> int:
-    p = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "log.connection.close": False,
-        }
-    )
+
+def produce_all(
+    bootstrap: str,
+    topic: str,
+    items: Iterable[tuple[bytes | str | None, bytes]],
+    extra: Mapping[str, str] | None = None,
+) -> int:
+    p = Producer(writer_config(bootstrap, extra))
     errors: list[str] = []
     n = 0
     for key, value in items:
@@ -41,14 +40,23 @@ class TopicRecord:
 
 
 def read_topic(
-    bootstrap: str, topic: str, timeout_s: float = 15.0, read_committed: bool = True
+    bootstrap: str,
+    topic: str,
+    timeout_s: float = 15.0,
+    read_committed: bool = True,
+    extra: Mapping[str, str] | None = None,
 ) -> list[bytes]:
     """Every message value currently in ``topic`` (all partitions, from the beginning to the end)."""
-    return [r.value for r in read_records(bootstrap, topic, timeout_s, read_committed) if r.value is not None]
+    records = read_records(bootstrap, topic, timeout_s, read_committed, extra)
+    return [r.value for r in records if r.value is not None]
 
 
 def read_records(
-    bootstrap: str, topic: str, timeout_s: float = 15.0, read_committed: bool = True
+    bootstrap: str,
+    topic: str,
+    timeout_s: float = 15.0,
+    read_committed: bool = True,
+    extra: Mapping[str, str] | None = None,
 ) -> list[TopicRecord]:
     """Read ``topic`` to its end without a consumer group.
 
@@ -57,15 +65,7 @@ def read_records(
     finished once the position passed that watermark (we hold part of the last batch) and a further
     consume returns nothing (the rest of that batch, fetched with it, has been delivered too).
     """
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "guardstream-reader-unused",
-            "enable.auto.commit": False,
-            "log.connection.close": False,
-            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
-        }
-    )
+    c = Consumer(reader_config(bootstrap, extra, read_committed=read_committed))
     try:
         md = c.list_topics(topic, timeout=timeout_s)
         parts = sorted(md.topics[topic].partitions) if topic in md.topics else []
@@ -97,9 +97,11 @@ def read_records(
         c.close()
 
 
-def end_offsets(bootstrap: str, topic: str, timeout_s: float = 15.0) -> dict[int, int]:
+def end_offsets(
+    bootstrap: str, topic: str, timeout_s: float = 15.0, extra: Mapping[str, str] | None = None
+) -> dict[int, int]:
     """The true next offset per partition (read, not trusted from the watermark; see ``read_records``)."""
     ends: dict[int, int] = {}
-    for r in read_records(bootstrap, topic, timeout_s, read_committed=False):
+    for r in read_records(bootstrap, topic, timeout_s, read_committed=False, extra=extra):
         ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
     return ends
