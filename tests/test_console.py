@@ -121,10 +121,25 @@ def test_queue_is_built_from_verdicts_dead_letters_and_alerts(cs: ConsoleSetting
     ing = Ingester(cs, store)
     posts = Posts()
     v, d = cs.verdicts_topic, cs.dlq_topic
-    ingest(ing, v, verdict("abst", safe=None, modality="image", source_offset=posts.add("abst", None, ["s3://b/x.png"])), posts)
-    ingest(ing, v, verdict("band", safe=False, p=0.55, source_offset=posts.add("band", "hmm")), posts)
+    ingest(
+        ing,
+        v,
+        verdict("abst", safe=None, modality="image", source_offset=posts.add("abst", None, ["s3://b/x.png"])),
+        posts,
+    )
+    ingest(
+        ing,
+        v,
+        verdict("band", safe=False, p=0.55, category="C1", source_offset=posts.add("band", "hmm")),
+        posts,
+    )
     ingest(ing, v, verdict("sure", safe=True, p=0.02, source_offset=posts.add("sure", "hello")), posts)
-    ingest(ing, v, verdict("edge", safe=False, p=0.66, source_offset=posts.add("edge", "x")), posts)
+    ingest(
+        ing,
+        v,
+        verdict("edge", safe=False, p=0.66, category="C1", source_offset=posts.add("edge", "x")),
+        posts,
+    )
     ingest(
         ing,
         v,
@@ -159,6 +174,9 @@ def test_queue_is_built_from_verdicts_dead_letters_and_alerts(cs: ConsoleSetting
     assert ids == {"abst", "band", "novel", "parse"}  # band is [0.35, 0.65]: 0.66 and 0.02 stay out
     assert store.get("abst").reasons == [Reason.ABSTAINED]  # type: ignore[union-attr]
     assert store.get("band").reasons == [Reason.UNCERTAIN]  # type: ignore[union-attr]
+    # unsafe with no taxonomy category is a novel risk (what the alerts app clusters)
+    ingest(ing, v, verdict("nocat", safe=False, p=0.9, source_offset=posts.add("nocat", "new thing")), posts)
+    assert store.get("nocat").reasons == [Reason.NOVEL_RISK]  # type: ignore[union-attr]
     novel = store.get("novel")
     assert novel is not None and novel.reasons == [Reason.NOVEL_RISK] and novel.text == "try it"
     assert novel.category == "C9S1" and novel.category_name is None
@@ -230,7 +248,9 @@ def test_next_never_hands_one_post_to_two_reviewers(cs: ConsoleSettings, store: 
     ing = Ingester(cs, store)
     posts = Posts()
     for i in range(3):
-        ingest(ing, cs.verdicts_topic, verdict(f"n{i}", safe=None, source_offset=posts.add(f"n{i}", "t")), posts)
+        ingest(
+            ing, cs.verdicts_topic, verdict(f"n{i}", safe=None, source_offset=posts.add(f"n{i}", "t")), posts
+        )
     a = store.next_for("alice", Filters())
     b = store.next_for("bob", Filters())
     c = store.next_for("carol", Filters())
@@ -280,7 +300,9 @@ def app(cs: ConsoleSettings, store: QueueStore) -> App:
     posts = Posts()
     hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
     ingest(ing, cs.verdicts_topic, verdict("p1", safe=None, source_offset=posts.add("p1", hostile)), posts)
-    ingest(ing, cs.verdicts_topic, verdict("p2", safe=False, p=0.5, source_offset=posts.add("p2", "b")), posts)
+    ingest(
+        ing, cs.verdicts_topic, verdict("p2", safe=False, p=0.5, source_offset=posts.add("p2", "b")), posts
+    )
     return App(cs)
 
 
@@ -306,7 +328,10 @@ def test_labels_publish_once_and_contradictions_are_refused(app: App) -> None:
         ("p1", True, "C9S1", "alice")
     ]
     # the same form again (double submit) publishes nothing; a different label is refused
-    assert c.post("/post/p1/label", data={"csrf": token, "verdict": "unsafe", "category": "C9S1"}).status_code == 303
+    assert (
+        c.post("/post/p1/label", data={"csrf": token, "verdict": "unsafe", "category": "C9S1"}).status_code
+        == 303
+    )
     r = c.post("/post/p1/label", data={"csrf": token, "verdict": "safe"})
     assert r.status_code == 409 and "already labelled" in r.text
     assert len(app.published) == 1
@@ -353,7 +378,9 @@ def test_identity_csrf_escaping_and_headers(app: App, cs: ConsoleSettings) -> No
 
 
 @pytest.mark.integration
-def test_images_come_through_the_workers_fetcher(cs: ConsoleSettings, store: QueueStore, services: Services) -> None:
+def test_images_come_through_the_workers_fetcher(
+    cs: ConsoleSettings, store: QueueStore, services: Services
+) -> None:
     s3 = services.s3_client()
     key = f"console/{uuid.uuid4().hex}.png"
     s3.put_object(Bucket=BUCKET, Key=key, Body=png_bytes(drawn_image(3)))
@@ -361,7 +388,9 @@ def test_images_come_through_the_workers_fetcher(cs: ConsoleSettings, store: Que
     ing = Ingester(cs, store)
     posts = Posts()
     refs = [f"s3://{BUCKET}/{key}", f"s3://{BUCKET}/{key}.txt", "s3://someone-elses-bucket/a.png"]
-    ingest(ing, cs.verdicts_topic, verdict("img", safe=None, source_offset=posts.add("img", None, refs)), posts)
+    ingest(
+        ing, cs.verdicts_topic, verdict("img", safe=None, source_offset=posts.add("img", None, refs)), posts
+    )
     app = App(cs).login()
     ok = app.client.get("/media/img/0")
     assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"

@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.codec import DecodeError, decode_post
 from schemas.events import (
@@ -51,7 +52,8 @@ def reasons_for(v: VerdictEvent, band: tuple[float, float]) -> list[Reason]:
     p = v.scores.p_unsafe
     if p is not None and v.safe is not None and band[0] <= p <= band[1]:
         out.append(Reason.UNCERTAIN)
-    if v.novel_risk:
+    # a described novel risk, or unsafe outside the taxonomy: what the alerts app clusters, too
+    if v.novel_risk or (v.safe is False and not (v.category or v.subcategory)):
         out.append(Reason.NOVEL_RISK)
     return out
 
@@ -219,27 +221,44 @@ class Ingester:
         log.info("console_ingest_started", topics=self.topics, group=self.s.console_group_id)
         try:
             while not self._stop.is_set():
-                msgs: list[Message] = consumer.consume(500, 0.5)
-                if not msgs:
-                    continue
-                for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("console_ingest_error", error=str(err))
-                        continue
-                    topic, value = m.topic(), m.value()
-                    if topic is not None and value is not None:
-                        self.handle(topic, value, fetcher.get)
-                consumer.commit(asynchronous=False)
+                try:
+                    self._step(consumer, fetcher)
+                except (KafkaException, redis.RedisError) as exc:
+                    # nothing of this batch is committed: it is read again, and store writes are merges
+                    log.warning("console_ingest_retrying", error=str(exc)[:300])
+                    self._stop.wait(1.0)
         finally:
             fetcher.close()
             consumer.close()
+
+    def _step(self, consumer: Consumer, fetcher: RecordFetcher) -> None:
+        msgs: list[Message] = consumer.consume(500, 0.5)
+        done: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("console_ingest_error", error=str(err))
+                continue
+            topic, value, part, off = m.topic(), m.value(), m.partition(), m.offset()
+            if topic is None or part is None or off is None:
+                continue
+            if value is not None:
+                self.handle(topic, value, fetcher.get)
+            done[(topic, part)] = off + 1
+        if done:  # after the store writes: a restarted console resumes here
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=False
+            )
 
     def start(self) -> Ingester:
         self._thread = threading.Thread(target=self.run, name="console-ingest", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self._stop.set()
