@@ -173,6 +173,14 @@ def test_queue_is_built_from_verdicts_dead_letters_and_alerts(cs: ConsoleSetting
     ids = {it.post_id for it in store.iter_open()}
     assert ids == {"abst", "band", "novel", "parse"}  # band is [0.35, 0.65]: 0.66 and 0.02 stay out
     assert store.get("abst").reasons == [Reason.ABSTAINED]  # type: ignore[union-attr]
+    partly = verdict("partly", safe=True, p=0.1, abstained_reason="image not judged", modality="text_image")
+    ingest(
+        ing,
+        v,
+        partly.model_copy(update={"source_offset": posts.add("partly", "hi", ["s3://b/y.png"])}),
+        posts,
+    )
+    assert store.get("partly").reasons == [Reason.ABSTAINED]  # type: ignore[union-attr]
     assert store.get("band").reasons == [Reason.UNCERTAIN]  # type: ignore[union-attr]
     # unsafe with no taxonomy category is a novel risk (what the alerts app clusters)
     ingest(ing, v, verdict("nocat", safe=False, p=0.9, source_offset=posts.add("nocat", "new thing")), posts)

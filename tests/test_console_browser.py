@@ -179,7 +179,9 @@ def test_reviewer_clears_the_image_queue_with_the_keyboard(
             browser.close()
         assert server.ingester is not None and server.ingester.alive, "the ingester thread died"
     finally:
+        t_stop = time.monotonic()
         server.stop()
+        print(f"console stopped in {time.monotonic() - t_stop:.1f}s")
 
     # --- exactly those three labels on the reviews topic, as `guardstream review` writes them
     reviews = [ReviewEvent.model_validate_json(v) for v in read_topic(cs.bootstrap_servers, cs.reviews_topic)]

@@ -45,7 +45,8 @@ REVIEWABLE_DEAD_LETTERS = frozenset({ErrorCode.ENGINE_OUTPUT_UNPARSEABLE, ErrorC
 
 def reasons_for(v: VerdictEvent, band: tuple[float, float]) -> list[Reason]:
     out: list[Reason] = []
-    if v.safe is None:
+    # abstained outright, or judged on part of the post only (the CPU engine on a text+image post)
+    if v.safe is None or v.abstained_reason:
         out.append(Reason.ABSTAINED)
     if v.parse_error:
         out.append(Reason.DEAD_LETTER)
