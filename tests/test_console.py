@@ -268,6 +268,25 @@ def test_next_never_hands_one_post_to_two_reviewers(cs: ConsoleSettings, store: 
     assert store.next_for("dave", Filters()).post_id == a.post_id  # type: ignore[union-attr]
 
 
+@pytest.mark.integration
+def test_concurrent_reviewers_get_distinct_posts(cs: ConsoleSettings, store: QueueStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ing = Ingester(cs, store)
+    posts = Posts()
+    for i in range(12):
+        ingest(
+            ing, cs.verdicts_topic, verdict(f"c{i}", safe=None, source_offset=posts.add(f"c{i}", "t")), posts
+        )
+    # 16 reviewers race for 12 posts, each on its own connection: every post goes to exactly one
+    stores = [QueueStore(cs.store_url, cs.console_prefix, cs.console_lease_s) for _ in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: stores[i].next_for(f"r{i}", Filters()), range(16)))
+    ids = [it.post_id for it in got if it is not None]
+    assert sorted(ids) == sorted(f"c{i}" for i in range(12))
+    assert store.counts()["abstained"] == 12 and store.counts()["open"] == 12
+
+
 # ------------------------------------------------------------------------------------------ labels
 def test_review_rules_are_shared_with_the_cli() -> None:
     tax = Taxonomy.load()
@@ -417,3 +436,58 @@ def test_settings_validate_tokens_and_band() -> None:
     assert ConsoleSettings().console_host == "127.0.0.1"
     with pytest.raises(ValueError, match="GUARDSTREAM_CONSOLE_TOKENS"):
         build_console(ConsoleSettings())
+
+
+@pytest.mark.integration
+def test_console_command_serves_on_loopback(cs: ConsoleSettings) -> None:
+    """`guardstream console` with no identity configured: a one-time token, printed as a login URL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from infra.stack import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": cs.bootstrap_servers,
+        "GUARDSTREAM_REDIS_URL": cs.redis_url,
+        "GUARDSTREAM_S3_ENDPOINT_URL": cs.s3_endpoint_url or "",
+        "GUARDSTREAM_VERDICTS_TOPIC": cs.verdicts_topic,
+        "GUARDSTREAM_DLQ_TOPIC": cs.dlq_topic,
+        "GUARDSTREAM_ALERTS_TOPIC": cs.alerts_topic,
+        "GUARDSTREAM_REVIEWS_TOPIC": cs.reviews_topic,
+        "GUARDSTREAM_CONSOLE_PREFIX": cs.console_prefix,
+        "GUARDSTREAM_CONSOLE_GROUP_ID": cs.console_group_id,
+        "GUARDSTREAM_LOG_FORMAT": "json",
+    }
+    env.pop("GUARDSTREAM_CONSOLE_TOKENS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "console", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed before the server starts listening
+        m = re.search(r"(http://127\.0\.0\.1:\d+)/login\?token=(\S+)", line)
+        assert m, line
+        base, token = m.groups()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"{base}/login", params={"token": token}, timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "console did not come up"
+                time.sleep(0.1)
+        assert r.status_code == 303 and "guardstream_console=" in r.headers["set-cookie"]
+        assert httpx.get(f"{base}/login", params={"token": "nope" * 5}, timeout=2).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 import threading
 import time
 from typing import Any
@@ -106,5 +107,6 @@ def run_blocking(settings: ConsoleSettings, reviewer: str, printer: Any = print,
         log.warning("console_exposed", host=host, hint="put it behind TLS and an authenticating proxy")
     url = f"http://{host}:{settings.console_port}"
     printer(f"review console: {url}/login?token={token}" if token else f"review console: {url}")
+    sys.stdout.flush()  # the URL must reach a piped stdout before the server blocks
     server.serve()
     return 0

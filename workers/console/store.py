@@ -212,14 +212,19 @@ class QueueStore:
             pipe.multi()
             pipe.set(key, new.model_dump_json())
             ts = new.decided_at.timestamp() * 1000
+            # per-reason indexes: reasons only accumulate on an open item, and all go when it is labelled
             if new.is_open:
                 pipe.zadd(f"{self.p}open:new", {post_id: ts})
                 pipe.zadd(f"{self.p}open:urgent", {post_id: new.urgency() * 1e13 + ts})
+                for r in new.reasons:
+                    pipe.zadd(f"{self.p}open:reason:{r.value}", {post_id: ts})
                 pipe.zrem(f"{self.p}labelled", post_id)
             else:
                 assert new.label is not None
                 pipe.zrem(f"{self.p}open:new", post_id)
                 pipe.zrem(f"{self.p}open:urgent", post_id)
+                for r in Reason:
+                    pipe.zrem(f"{self.p}open:reason:{r.value}", post_id)
                 pipe.zadd(f"{self.p}labelled", {post_id: new.label.reviewed_at.timestamp() * 1000})
 
         self.r.transaction(tx, key)
@@ -280,8 +285,13 @@ class QueueStore:
         return self._update(ev.post_id, apply)
 
     # ------------------------------------------------------------------ listing
-    def iter_open(self, *, urgent: bool = False, chunk: int = 200) -> Iterator[QueueItem]:
-        key = f"{self.p}open:{'urgent' if urgent else 'new'}"
+    def iter_open(
+        self, *, urgent: bool = False, chunk: int = 200, reason: str | None = None
+    ) -> Iterator[QueueItem]:
+        if reason and not urgent:
+            key = f"{self.p}open:reason:{reason}"
+        else:
+            key = f"{self.p}open:{'urgent' if urgent else 'new'}"
         start = 0
         while True:
             ids = self.r.zrevrange(key, start, start + chunk - 1)
@@ -300,7 +310,7 @@ class QueueStore:
         """One page of open items matching ``filters`` and how many match in all."""
         out: list[QueueItem] = []
         total = 0
-        for it in self.iter_open(urgent=urgent):
+        for it in self.iter_open(urgent=urgent, reason=filters.reason):
             if filters.match(it):
                 if offset <= total < offset + limit:
                     out.append(it)
@@ -313,16 +323,15 @@ class QueueStore:
         return [QueueItem.model_validate_json(r) for r in raws if r]
 
     def counts(self) -> dict[str, int]:
-        """Open items per reason, plus totals (for the navigation bar and the queue's filter chips)."""
-        c: dict[str, int] = {r.value: 0 for r in Reason}
-        n = 0
-        for it in self.iter_open():
-            n += 1
-            for r in it.reasons:
-                c[r.value] += 1
-        c["open"] = n
-        c["labelled"] = int(self.r.zcard(f"{self.p}labelled"))
-        return c
+        """Open items per reason, plus totals (every page shows them: counted by Redis, not by a scan)."""
+        pipe = self.r.pipeline(transaction=False)
+        names = [r.value for r in Reason]
+        for name in names:
+            pipe.zcard(f"{self.p}open:reason:{name}")
+        pipe.zcard(f"{self.p}open:new")
+        pipe.zcard(f"{self.p}labelled")
+        values = [int(v) for v in pipe.execute()]
+        return {**dict(zip(names, values, strict=False)), "open": values[-2], "labelled": values[-1]}
 
     # ------------------------------------------------------------------ claims
     def claim(self, post_id: str, reviewer: str) -> Claim:
