@@ -164,18 +164,17 @@ def test_reviewer_clears_the_image_queue_with_the_keyboard(
             assert "queue is clear" in page.content()
             assert set(labelled) == image_posts
 
-            if shots:
-                page.goto(f"{server.url}/clusters")
-                save(page, shots, "clusters")
-                page.goto(f"{server.url}/audits")
-                save(page, shots, "audits")
-                page.goto(f"{server.url}/audits/audit-before-retrain")
-                save(page, shots, "audit")
-            else:
-                page.goto(f"{server.url}/clusters")
-                assert "Blackout Challenge" in page.content()
-                page.goto(f"{server.url}/audits")
-                assert "audit-before-retrain" in page.content()
+            # the other pages, in the same browser session (and their screenshots for the README)
+            for path, expect, name in (
+                ("/clusters", "Blackout Challenge", "clusters"),
+                ("/audits", "audit-before-retrain", "audits"),
+                ("/audits/audit-before-retrain", "Flip matrix", "audit"),
+            ):
+                response = page.goto(f"{server.url}{path}")
+                assert response is not None and response.status == 200, path
+                assert expect in page.content(), path
+                if shots:
+                    save(page, shots, name)
             browser.close()
         assert server.ingester is not None and server.ingester.alive, "the ingester thread died"
     finally:

@@ -389,7 +389,9 @@ async def skip_post(request: Request) -> Response:
     form = await request.form()
     if not await _check_csrf(request, form, bearer):
         return PlainTextResponse("CSRF token missing or wrong: reload the page", status_code=403)
-    _console(request).store.skip(request.path_params["post_id"], reviewer)
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(_console(request).store.skip, request.path_params["post_id"], reviewer)
     q = urlencode(_filters(request.query_params).query())
     return RedirectResponse("/next" + (f"?{q}" if q else ""), status_code=303)
 
