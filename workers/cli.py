@@ -228,9 +228,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             from workers.console.server import run_blocking
             from workers.console.settings import ConsoleSettings
 
-            console.print("[bold]review console[/] (Ctrl-C to stop): the queue fills from the topics")
+            console.print("[bold]review console[/] (Ctrl-C stops it and the local stack)")
             # a fresh broker each demo: the demo's own key prefix is emptied so no stale posts show up
             cs = ConsoleSettings(**{**s.model_dump(), "console_prefix": "gs:console:demo:"})
+            # the stack lives as long as the console: export the labels from another terminal meanwhile
+            console.print(
+                "labels → next training export: AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
+                "guardstream export-training --out ./export "
+                f"--bootstrap-servers {s.bootstrap_servers} --s3-endpoint-url {s.s3_endpoint_url}"
+            )
             return run_blocking(cs, "demo-reviewer", console.print, fresh=True)
         return 0
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import threading
@@ -108,5 +109,6 @@ def run_blocking(settings: ConsoleSettings, reviewer: str, printer: Any = print,
     url = f"http://{host}:{settings.console_port}"
     printer(f"review console: {url}/login?token={token}" if token else f"review console: {url}")
     sys.stdout.flush()  # the URL must reach a piped stdout before the server blocks
-    server.serve()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down on Ctrl-C, then re-raises it
+        server.serve()
     return 0
