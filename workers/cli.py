@@ -235,9 +235,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(
                 "labels → next training export: AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
                 "guardstream export-training --out ./export "
-                f"--bootstrap-servers {s.bootstrap_servers} --s3-endpoint-url {s.s3_endpoint_url}"
+                f"--bootstrap-servers {s.bootstrap_servers} --s3-endpoint-url {s.s3_endpoint_url}",
+                soft_wrap=True,  # commands and URLs stay on one line, to be copied
             )
-            return run_blocking(cs, "demo-reviewer", console.print, fresh=True)
+            return run_blocking(cs, "demo-reviewer", lambda m: console.print(m, soft_wrap=True), fresh=True)
         return 0
     finally:
         stack.stop()
