@@ -373,6 +373,12 @@ def _label(request: Request, reviewer: str, form: dict[str, Any]) -> Response:
         return refuse(f"claimed by {claim.holder} for another {claim.expires_in_s:.0f}s", 409)
     try:
         with c.store.submission(post_id):
+            # re-read under the lock: a submission that finished meanwhile (a double click) decides
+            done = c.store.get(post_id)
+            if done is not None and done.label is not None:
+                if done.label.same_decision(ev):
+                    return RedirectResponse(nxt, status_code=303)
+                return refuse(f"already labelled {done.label.describe()} by {done.label.reviewer_id}", 409)
             c.publish(ev)
             c.store.mark_labelled(ev)
     except StoreBusy as exc:
