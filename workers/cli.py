@@ -229,6 +229,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"report written to {args.replay_report}")
         if args.export:
             demo_export(s, Path(args.export), console)
+        if args.console:
+            from workers.console.server import run_blocking
+            from workers.console.settings import ConsoleSettings
+
+            console.print("[bold]review console[/] (Ctrl-C stops it and the local stack)")
+            # a fresh broker each demo: the demo's own key prefix is emptied so no stale posts show up
+            cs = ConsoleSettings(**{**s.model_dump(), "console_prefix": "gs:console:demo:"})
+            # the stack lives as long as the console: export the labels from another terminal meanwhile
+            console.print(
+                "labels → next training export: AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
+                "guardstream export-training --out ./export "
+                f"--bootstrap-servers {s.bootstrap_servers} --s3-endpoint-url {s.s3_endpoint_url}",
+                soft_wrap=True,  # commands and URLs stay on one line, to be copied
+            )
+            return run_blocking(cs, "demo-reviewer", lambda m: console.print(m, soft_wrap=True), fresh=True)
         return 0
     finally:
         stack.stop()
@@ -356,28 +371,22 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def cmd_review(args: argparse.Namespace) -> int:
     """Publish a human review label for one post (it overrides the model's label in training exports)."""
     from guard.taxonomy import Taxonomy
-    from infra.stack import create_topics
-    from schemas.events import ReviewEvent
-    from workers.topics import produce_all
+    from workers.reviews import ReviewError, build_review, publish_reviews
 
     s = _settings(args)
-    if args.category and Taxonomy.load(s.taxonomy_path).resolve(args.category) is None:
-        raise SystemExit(f"category {args.category!r} is not in the taxonomy")
-    ev = ReviewEvent(
-        post_id=args.post_id,
-        unsafe=args.unsafe,
-        category=args.category,
-        novel_risk=args.novel,
-        reviewer_id=args.reviewer,
-        note=args.note,
-    )
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
-    produce_all(
-        s.bootstrap_servers,
-        s.reviews_topic,
-        [(ev.post_id.encode(), ev.model_dump_json().encode())],
-        extra=s.kafka_extra,
-    )
+    try:
+        ev = build_review(
+            Taxonomy.load(s.taxonomy_path),
+            post_id=args.post_id,
+            unsafe=args.unsafe,
+            category=args.category,
+            novel_risk=args.novel,
+            reviewer_id=args.reviewer,
+            note=args.note,
+        )
+    except ReviewError as exc:
+        raise SystemExit(str(exc)) from None
+    publish_reviews(s.bootstrap_servers, s.reviews_topic, [ev], extra=s.kafka_extra)
     log.info(
         "review_published", post_id=ev.post_id, unsafe=ev.unsafe, category=ev.category, topic=s.reviews_topic
     )
@@ -556,6 +565,19 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the review console (queue, posts, clusters, audits) and build its queue from the topics."""
+    from workers.console.server import run_blocking
+    from workers.console.settings import ConsoleSettings
+
+    s = ConsoleSettings(**_settings(args).model_dump(exclude_unset=True))
+    if args.host:
+        s = s.model_copy(update={"console_host": args.host})
+    if args.port is not None:
+        s = s.model_copy(update={"console_port": args.port})
+    return run_blocking(s, reviewer=os.environ.get("USER") or "reviewer")
+
+
 def cmd_schemas(_args: argparse.Namespace) -> int:
     from schemas.export import main
 
@@ -655,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the alerts app and plant an emerging-risk burst in the feed",
     )
+    d.add_argument("--console", action="store_true", help="then serve the review console on the demo topics")
     d.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser("replay", help="re-moderate a topic range; write audit records and a report")
@@ -735,6 +758,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--dry-run", action="store_true", help="count what would be redriven; write nothing")
     rd.add_argument("--limit", type=int, help="redrive at most this many dead letters")
     rd.set_defaults(func=cmd_redrive)
+
+    co = sub.add_parser("console", help="serve the review console (binds 127.0.0.1 by default)")
+    common(co)
+    co.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    co.add_argument("--s3-endpoint-url", dest="s3_endpoint_url")
+    co.add_argument("--host", help="bind address (default 127.0.0.1; GUARDSTREAM_CONSOLE_HOST)")
+    co.add_argument("--port", type=int, help="port (default 8080; GUARDSTREAM_CONSOLE_PORT)")
+    co.set_defaults(func=cmd_console)
 
     sc = sub.add_parser("schemas", help="write JSON Schema files to schemas/json/")
     sc.set_defaults(func=cmd_schemas)
