@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from guard.engines import EngineKind, EngineOptions
 from workers.clustering import ClusterConfig
@@ -56,7 +58,8 @@ class Settings(BaseSettings):
     # S3
     s3_endpoint_url: str | None = "http://127.0.0.1:9000"
     s3_region: str = "us-east-1"
-    allowed_buckets: list[str] = Field(default_factory=lambda: ["guardstream-media"])
+    # NoDecode: the env value reaches _split_csv as text, so both `a,b` and JSON `["a","b"]` parse
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["guardstream-media"])
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     fetch_concurrency: int = Field(16, ge=1, le=256)
@@ -136,4 +139,21 @@ class Settings(BaseSettings):
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip().startswith("["):
             return [b.strip() for b in v.split(",") if b.strip()]
+        if isinstance(v, str):  # JSON list (NoDecode hands the env value over as text)
+            return json.loads(v)
         return v
+
+    # Deployment manifests write "unset" as an empty string (the k8s ConfigMap's S3_ENDPOINT_URL: "" means
+    # AWS S3 itself); for optional settings that is None, not an empty URL/path/number that fails later.
+    @field_validator(
+        "s3_endpoint_url",
+        "transactional_id",
+        "taxonomy_path",
+        "vllm_model_revision",
+        "vllm_server_api_key",
+        "metrics_port",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
