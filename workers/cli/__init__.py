@@ -1,0 +1,47 @@
+"""The ``guardstream`` command line (Typer).
+
+One module per command or small group (``worker``, ``demo``, ``audit``, ``labels``, ``alerts``, ``ops``,
+``topics``, ``produce``, ``tail``); tables live in ``render``; shared options, the settings file and
+errors in ``base``. ``main`` turns a bad value into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from confluent_kafka import KafkaException
+
+from workers.cli import alerts, audit, demo, labels, ops, produce, root, tail, topics, worker  # noqa: F401
+from workers.cli.base import ClickException, CliError, UsageError, app
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (``sys.exit(main())``).
+
+    Usage errors (a bad flag value, a missing option) are one line and exit 2; a refused request
+    (``CliError``) is one line and exit 1, raised as ``SystemExit(message)``."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="guardstream", standalone_mode=False)
+    except CliError as exc:
+        raise SystemExit(f"guardstream: {exc.format_message()}") from None
+    except UsageError as exc:
+        sub = exc.ctx.command_path if exc.ctx is not None else "guardstream"
+        print(f"{sub}: {exc.format_message()} (see {sub} --help)", file=sys.stderr)
+        return 2
+    except ClickException as exc:
+        print(f"guardstream: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Abort:
+        return 130
+    except KafkaException as exc:  # an unreachable or refusing broker: a fact about the deployment
+        print(
+            f"guardstream: Kafka: {exc.args[0] if exc.args else exc} "
+            "(check --bootstrap-servers / GUARDSTREAM_BOOTSTRAP_SERVERS and GUARDSTREAM_KAFKA_EXTRA)",
+            file=sys.stderr,
+        )
+        return 3
+    return int(rv or 0)

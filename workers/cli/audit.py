@@ -1,0 +1,233 @@
+"""``guardstream replay`` (re-moderate a topic range into audit records and a report) and
+``guardstream audit-export`` (decisions from the verdicts topic as JSONL)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from workers.cli.base import (
+    BootstrapOpt,
+    CliError,
+    EngineOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    RedisOpt,
+    S3EndpointOpt,
+    TaxonomyOpt,
+    app,
+    load_settings,
+    log,
+    writable_file,
+)
+from workers.cli.render import counts_table, terminal
+from workers.settings import Settings
+
+Bound = int | datetime | None
+
+
+def parse_bound_opt(text: str | None, flag: str, times_only: bool = False) -> Bound:
+    """``--from``/``--to``: an offset or an ISO-8601 time; a bad value is one line naming the flag."""
+    from workers.replay import parse_bound
+
+    try:
+        b = parse_bound(text)
+    except ValueError:
+        what = "an ISO-8601 time (2026-01-31T12:00:00Z)" if times_only else "an offset or an ISO-8601 time"
+        raise CliError(f"{flag} {text!r}: expected {what}") from None
+    if times_only and isinstance(b, int):
+        raise CliError(f"{flag} {text!r}: this command takes ISO-8601 times, not offsets")
+    return b
+
+
+def check_range(start: Bound, end: Bound) -> None:
+    if start is None or end is None:
+        return
+    if isinstance(start, datetime) != isinstance(end, datetime):
+        raise CliError("--from and --to must both be offsets or both be times")
+    if start > end:  # type: ignore[operator]
+        raise CliError(f"--from {start} is after --to {end}: the range is empty")
+
+
+def time_range(start_text: str | None, end_text: str | None) -> tuple[datetime | None, datetime | None]:
+    start = parse_bound_opt(start_text, "--from", times_only=True)
+    end = parse_bound_opt(end_text, "--to", times_only=True)
+    check_range(start, end)
+    assert not isinstance(start, int) and not isinstance(end, int)
+    return start, end
+
+
+def run_replay(
+    s: Settings,
+    *,
+    topic: str,
+    start: str | None,
+    end: str | None,
+    partitions: list[int] | None,
+    replay_id: str,
+    audit_topic: str,
+    report_path: Path,
+) -> int:
+    """Re-moderate a range of a topic; write audit records, a Markdown report and a terminal table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from infra.stack import create_topics
+    from workers.app import build_moderator
+    from workers.replay import Replayer, render_markdown
+
+    lo, hi = parse_bound_opt(start, "--from"), parse_bound_opt(end, "--to")
+    check_range(lo, hi)
+    writable_file(report_path, "--report")
+    create_topics(s.bootstrap_servers, {audit_topic: 1}, extra=s.kafka_extra)
+    moderator = build_moderator(s)
+    rp = Replayer(
+        moderator,
+        s.bootstrap_servers,
+        verdicts_topic=s.verdicts_topic,
+        dlq_topic=s.dlq_topic,
+        audit_topic=audit_topic,
+        batch_size=s.max_batch_size,
+        kafka_extra=s.kafka_extra,
+    )
+    with Progress(
+        TextColumn(f"replay {replay_id}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.0f} posts/s"),
+        TimeRemainingColumn(),
+        console=terminal(stderr=True),
+    ) as prog:
+        task = prog.add_task("replay", total=None, rate=0.0)
+        t0 = time.perf_counter()
+
+        def advance(n: int) -> None:
+            prog.advance(task, n)
+            prog.update(task, rate=prog.tasks[0].completed / max(time.perf_counter() - t0, 1e-6))
+
+        report = rp.run(replay_id, topic, lo, hi, partitions, on_progress=advance)
+    eng = moderator.engine
+    report_path.write_text(
+        render_markdown(
+            report, topic=topic, engine=eng.name, model=eng.model_version, policy=eng.policy_version
+        ),
+        encoding="utf-8",
+    )
+    rows: list[tuple[str, object]] = [
+        ("posts in range", report.total),
+        ("already done", report.skipped_done),
+        ("audit records written", report.written),
+        ("decisions changed", report.changed),
+        ("no original verdict", report.missing_original),
+    ]
+    rows += [(f"  {kind}", n) for kind, n in report.change_kinds.most_common()]
+    terminal().print(counts_table(f"replay {replay_id} ({eng.name})", rows))
+    log.info("replay_finished", replay_id=replay_id, report=str(report_path), audit_topic=audit_topic)
+    moderator.close()
+    return 0
+
+
+@app.command()
+def replay(
+    bootstrap_servers: BootstrapOpt = None,
+    s3_endpoint_url: S3EndpointOpt = None,
+    engine: EngineOpt = None,
+    max_batch_size: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    redis_url: RedisOpt = None,
+    taxonomy_path: TaxonomyOpt = None,
+    topic: Annotated[
+        str | None, typer.Option(help="Topic to replay.", show_default="the posts topic")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Offset or ISO-8601 time (inclusive).", show_default="start")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="Offset or ISO-8601 time (inclusive).", show_default="end")
+    ] = None,
+    partition: Annotated[
+        list[int] | None, typer.Option(help="Only these partitions (repeatable).", min=0, show_default="all")
+    ] = None,
+    replay_id: Annotated[
+        str | None,
+        typer.Option(help="Re-use an id to resume or to make a re-run a no-op.", show_default="a new id"),
+    ] = None,
+    audit_topic: Annotated[str, typer.Option(help="Topic of the audit records.")] = "audit",
+    report: Annotated[
+        Path | None, typer.Option(help="Markdown report path.", show_default="<replay-id>.md")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Do not read or write the verdict cache.")
+    ] = False,
+    cpu_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="CPU engine p_unsafe cut-off for this replay.",
+            min=0.0,
+            max=1.0,
+            envvar="GUARDSTREAM_CPU_THRESHOLD",
+            show_envvar=True,
+            show_default="0.5",
+        ),
+    ] = None,
+) -> int:
+    """Re-moderate a topic range; write audit records and a report."""
+    from workers.replay import new_replay_id
+
+    s = load_settings(
+        bootstrap_servers=bootstrap_servers,
+        s3_endpoint_url=s3_endpoint_url,
+        engine=engine,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        redis_url=redis_url,
+        taxonomy_path=taxonomy_path,
+        cpu_threshold=cpu_threshold,
+    )
+    if no_cache:
+        s = s.model_copy(update={"cache_enabled": False})
+    rid = replay_id or new_replay_id()
+    return run_replay(
+        s,
+        topic=topic or s.posts_topic,
+        start=start,
+        end=end,
+        partitions=partition or None,
+        replay_id=rid,
+        audit_topic=audit_topic,
+        report_path=report or Path(f"{rid}.md"),
+    )
+
+
+@app.command("audit-export")
+def audit_export(
+    out: Annotated[Path, typer.Option(help="JSONL file to write.", dir_okay=False)],
+    bootstrap_servers: BootstrapOpt = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="ISO-8601 decision time (inclusive).", show_default="start")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="ISO-8601 decision time (inclusive).", show_default="end")
+    ] = None,
+    author: Annotated[str | None, typer.Option(help="Only this author_id.", show_default="all")] = None,
+) -> int:
+    """Export decisions from the verdicts topic as JSONL."""
+    from workers.replay import export_decisions
+
+    s = load_settings(bootstrap_servers=bootstrap_servers)
+    lo, hi = time_range(start, end)
+    writable_file(out)
+    n = export_decisions(
+        s.bootstrap_servers,
+        s.verdicts_topic,
+        out,
+        start=lo,
+        end=hi,
+        author=author,
+        kafka_extra=s.kafka_extra,
+    )
+    log.info("audit_export_written", path=str(out), decisions=n)
+    return 0

@@ -1,0 +1,163 @@
+"""Human labels and the training set: ``guardstream review`` and ``guardstream export-training``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from workers.cli.audit import time_range
+from workers.cli.base import (
+    BootstrapOpt,
+    CliError,
+    S3EndpointOpt,
+    TaxonomyOpt,
+    app,
+    load_settings,
+    log,
+    writable_dir,
+)
+from workers.cli.render import terminal
+from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from training.export import TrainingExporter
+
+
+class ExportFormat(StrEnum):
+    TRL = "trl"
+    VERL = "verl"
+
+
+def training_exporter(s: Settings) -> TrainingExporter:
+    from guard.prompts import PromptSet
+    from guard.taxonomy import Taxonomy
+    from training.export import TrainingExporter
+    from workers.app import build_fetcher
+
+    return TrainingExporter(
+        s.bootstrap_servers,
+        PromptSet(Taxonomy.load(s.taxonomy_path)),
+        build_fetcher(s),
+        posts_topic=s.posts_topic,
+        verdicts_topic=s.verdicts_topic,
+        reviews_topic=s.reviews_topic,
+        kafka_extra=s.kafka_extra,
+    )
+
+
+def parse_ratios_opt(text: str) -> dict[str, float]:
+    from training.export import parse_ratios
+
+    try:
+        return parse_ratios(text)
+    except ValueError:
+        raise CliError(
+            f"--ratios {text!r}: expected three non-negative weights text:image:text-image such as 1:1:1 "
+            "(or text=2,image=1,text-image=1), not all zero"
+        ) from None
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"{value} is not in [0, 1) (0.1 holds out a tenth for validation)")
+    return value
+
+
+@app.command()
+def review(
+    post_id: Annotated[str, typer.Argument(help="The post to label.")],
+    reviewer: Annotated[str, typer.Option(help="Who labels (recorded with the label).")],
+    unsafe: Annotated[
+        bool | None,
+        typer.Option("--unsafe/--safe", help="The label (one of them is required).", show_default=False),
+    ] = None,
+    category: Annotated[str | None, typer.Option(help="Taxonomy id, e.g. C9S1.")] = None,
+    novel: Annotated[
+        str | None, typer.Option(help="Corrected novel-risk description (out-of-taxonomy).")
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="Free-text note.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    taxonomy_path: TaxonomyOpt = None,
+) -> int:
+    """Publish a human review label for a post (it overrides the model's label in training exports)."""
+    from guard.taxonomy import Taxonomy
+    from workers.reviews import ReviewError, build_review, publish_reviews
+
+    if unsafe is None:
+        raise CliError("review: give --unsafe or --safe")
+    s = load_settings(bootstrap_servers=bootstrap_servers, taxonomy_path=taxonomy_path)
+    try:
+        ev = build_review(
+            Taxonomy.load(s.taxonomy_path),
+            post_id=post_id,
+            unsafe=unsafe,
+            category=category,
+            novel_risk=novel,
+            reviewer_id=reviewer,
+            note=note,
+        )
+    except ReviewError as exc:
+        raise CliError(str(exc)) from None
+    publish_reviews(s.bootstrap_servers, s.reviews_topic, [ev], extra=s.kafka_extra)
+    log.info(
+        "review_published", post_id=ev.post_id, unsafe=ev.unsafe, category=ev.category, topic=s.reviews_topic
+    )
+    return 0
+
+
+@app.command("export-training")
+def export_training(
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.", file_okay=False)],
+    bootstrap_servers: BootstrapOpt = None,
+    s3_endpoint_url: S3EndpointOpt = None,
+    taxonomy_path: TaxonomyOpt = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="ISO-8601 post time (inclusive).", show_default="start")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="ISO-8601 post time (inclusive).", show_default="end")
+    ] = None,
+    ratios: Annotated[str, typer.Option(help="Modality mix text:image:text-image.")] = "1:1:1",
+    val_fraction: Annotated[
+        float,
+        typer.Option(help="Share of the records held out for validation, in [0, 1).", callback=_fraction),
+    ] = 0.1,
+    keep_s3_refs: Annotated[
+        bool, typer.Option("--keep-s3-refs", help="Do not copy images; keep s3:// refs.")
+    ] = False,
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="trl: JSONL for training.launch; verl: parquet.")
+    ] = ExportFormat.TRL,
+) -> int:
+    """Export posts + verdicts + reviews to a ProGuard-style RL dataset directory."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    s = load_settings(
+        bootstrap_servers=bootstrap_servers, s3_endpoint_url=s3_endpoint_url, taxonomy_path=taxonomy_path
+    )
+    lo, hi = time_range(start, end)
+    mix = parse_ratios_opt(ratios)
+    writable_dir(out)
+    exp = training_exporter(s)
+    with Progress(
+        SpinnerColumn(), TextColumn("exporting: {task.completed} posts read"), console=Console(stderr=True)
+    ) as prog:
+        task = prog.add_task("export", total=None)
+        rep = exp.export(
+            out,
+            start=lo,
+            end=hi,
+            ratios=mix,
+            val_fraction=val_fraction,
+            copy_images=not keep_s3_refs,
+            on_progress=lambda n: prog.advance(task, n),
+            fmt=fmt.value,
+        )
+    exp.close()
+    terminal().print((out / "README.md").read_text())
+    log.info("training_export_written", out=str(out), splits=dict(rep.splits))
+    return 0

@@ -1,0 +1,126 @@
+"""``guardstream worker`` and ``guardstream up`` (the local stack in the foreground)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from workers.cli.base import (
+    BootstrapOpt,
+    EngineOpt,
+    GroupOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    MetricsPortOpt,
+    RedisOpt,
+    S3EndpointOpt,
+    TaxonomyOpt,
+    app,
+    load_settings,
+    log,
+)
+from workers.cli.topics import worker_topics
+
+
+@app.command()
+def worker(
+    bootstrap_servers: BootstrapOpt = None,
+    s3_endpoint_url: S3EndpointOpt = None,
+    engine: EngineOpt = None,
+    max_batch_size: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    redis_url: RedisOpt = None,
+    taxonomy_path: TaxonomyOpt = None,
+    group_id: GroupOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    until_drained: Annotated[
+        bool, typer.Option("--until-drained", help="Exit once the posts topic is consumed.")
+    ] = False,
+) -> int:
+    """Run the moderation worker (SIGTERM/Ctrl-C: finish the batch, commit, exit 0)."""
+    from workers.app import build_worker
+    from workers.media import MediaUnavailable
+    from workers.metrics import start_metrics_server
+    from workers.runner import BrokerUnavailable, PublishError
+
+    s = load_settings(
+        bootstrap_servers=bootstrap_servers,
+        s3_endpoint_url=s3_endpoint_url,
+        engine=engine,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        redis_url=redis_url,
+        taxonomy_path=taxonomy_path,
+        group_id=group_id,
+        metrics_port=metrics_port,
+    )
+    if s.metrics_port:
+        start_metrics_server(s.metrics_port)
+    w = build_worker(s)
+    w.install_signal_handlers()
+    try:
+        stats = w.run(until_drained=until_drained)
+    except (BrokerUnavailable, PublishError, MediaUnavailable) as exc:
+        # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
+        log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
+        return 3
+    log.info(
+        "worker_stopped",
+        consumed=stats.consumed,
+        verdicts=stats.verdicts,
+        dead_letters=stats.dead_letters,
+        batches=stats.batches,
+    )
+    return 0
+
+
+@app.command()
+def up(
+    engine: EngineOpt = None,
+    max_batch_size: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    redis_url: RedisOpt = None,
+    taxonomy_path: TaxonomyOpt = None,
+    broker_port: Annotated[int, typer.Option(help="Port of the embedded broker.", min=1, max=65535)] = 9092,
+    s3_port: Annotated[int, typer.Option(help="Port of the embedded S3 server.", min=1, max=65535)] = 9000,
+    storage: Annotated[
+        str,
+        typer.Option(help="memory://tansu/ or s3://BUCKET/ (durable; needs AWS_ENDPOINT for MinIO/moto)."),
+    ] = "memory://tansu/",
+) -> int:
+    """Start the local broker + S3 server (+ Redis) in the foreground until Ctrl-C."""
+    import boto3
+
+    from infra.stack import LocalStack, create_topics, ensure_bucket
+    from workers.secrets import mask_url
+
+    s = load_settings(
+        engine=engine,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        redis_url=redis_url,
+        taxonomy_path=taxonomy_path,
+    )
+    stack = LocalStack(
+        broker_port=broker_port, s3_port=s3_port, redis_url=s.redis_url, storage=storage
+    ).start()
+    try:
+        create_topics(stack.broker.bootstrap, worker_topics(s))
+        ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.allowed_buckets[0])
+        log.info(
+            "stack_up",
+            broker=stack.broker.bootstrap,
+            s3=stack.s3.endpoint,
+            redis=mask_url(s.redis_url),
+            topics=list(worker_topics(s)),
+            bucket=s.allowed_buckets[0],
+            hint="Ctrl-C to stop",
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
