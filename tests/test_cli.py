@@ -198,9 +198,18 @@ def test_deployment_settings_validate(name: str, monkeypatch: Any) -> None:
     assert r.returncode == 0 and r.stdout.startswith("ok   settings"), r.stdout + r.stderr
 
 
-def test_compose_creates_bucket_and_topics() -> None:
+def test_deployments_create_bucket_and_topics(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    assert services["topics-init"]["command"][:3] == ["guardstream", "topics", "create"]
+    (job,) = yaml.safe_load_all((ROOT / "infra/k8s/topics-job.yaml").read_text())
+    monkeypatch.setenv("COLUMNS", "250")
+    _, usage, _ = run_main(["topics", "create", "--help"], capsys)
+    for command in (
+        services["topics-init"]["command"],
+        job["spec"]["template"]["spec"]["containers"][0]["command"],
+    ):
+        assert command[:3] == ["guardstream", "topics", "create"]
+        for flag in (a for a in command if a.startswith("--")):
+            assert flag in usage, flag  # the shipped command line is one the CLI accepts
     assert "mc mb" in services["minio-init"]["command"][0] and BUCKET in services["minio-init"]["command"][0]
     deps = services["worker"]["depends_on"]
     for init in ("topics-init", "minio-init"):
