@@ -71,6 +71,8 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (["audit-export"], "Missing option '--out'"),
         (["produce", "--sample", "2", "{tmp}/posts.jsonl"], "not both"),
         (["no-such-command"], "No such command"),
+        (["produce", "--sample", "99"], "the sample feed has"),
+        (["--config", "{tmp}/nope.toml", "check"], "does not exist"),
     ],
 )
 def test_bad_values_are_one_line(

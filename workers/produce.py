@@ -113,6 +113,8 @@ def sample_posts(n: int, bucket: str, upload: Upload) -> list[tuple[bytes | None
     from workers.sample_feed import build_feed
 
     feed, objects = build_feed(bucket)
+    if n > len(feed):
+        raise ProduceError(f"--sample {n}: the sample feed has {len(feed)} posts")
     for key, data in objects.items():
         upload(bucket, key, data)
     return [(p.key.encode(), p.value) for p in feed[:n]]

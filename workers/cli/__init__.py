@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         raise SystemExit(f"guardstream: {exc.format_message()}") from None
     except UsageError as exc:
+        if not exc.format_message():  # `guardstream` / `guardstream topics` alone: the help was shown
+            return 2
         sub = exc.ctx.command_path if exc.ctx is not None else "guardstream"
         print(f"{sub}: {exc.format_message()} (see {sub} --help)", file=sys.stderr)
         return 2

@@ -31,8 +31,10 @@ def produce(
     bootstrap_servers: BootstrapOpt = None,
     s3_endpoint_url: S3EndpointOpt = None,
 ) -> int:
-    """Post events into the posts topic; local images (file:// or paths) are uploaded to the bucket and
-    their refs rewritten to s3://bucket/key."""
+    """Post JSON-lines events (or the sample feed) into the posts topic.
+
+    Local images (file:// or paths relative to the file) are uploaded to the bucket and their refs
+    rewritten to s3://bucket/key."""
     from workers.media import make_s3_client
     from workers.produce import ProduceError, prepare_posts, sample_posts
     from workers.topics import produce_all
@@ -53,7 +55,10 @@ def produce(
         uploaded.append(key)
 
     if sample is not None:
-        items = sample_posts(sample, target, upload)
+        try:
+            items = sample_posts(sample, target, upload)
+        except ProduceError as exc:
+            raise CliError(str(exc)) from None
     else:
         path = None if source in (None, "-") else Path(str(source))
         try:
