@@ -341,3 +341,52 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
 
     missing = cli(["tail", "alerts", "--limit", "1"], {**env, "GUARDSTREAM_ALERTS_TOPIC": f"none-{sfx}"})
     assert missing.returncode == 1 and "do not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_shell_completion_offers_commands_and_engines() -> None:
+    def complete(words: str, cword: int) -> list[str]:
+        env = clean_env(_GUARDSTREAM_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword))
+        return subprocess.run(CLI, env=env, capture_output=True, text=True, timeout=60).stdout.split()
+
+    assert complete("guardstream ta", 1) == ["tail"]
+    assert complete("guardstream worker --engine ", 3) == ["cpu", "vllm", "vllm-server", "transformers"]
+
+
+def test_prepare_posts_uploads_each_local_image_once(tmp_path: Path) -> None:
+    from workers.produce import ProduceError, prepare_posts
+
+    (tmp_path / "a.png").write_bytes(b"png-a")
+    uploads: list[tuple[str, str, bytes]] = []
+    at = '"author_id": "u", "created_at": "2026-01-01T00:00:00Z"'
+    lines = [
+        f'{{"post_id": "p1", {at}, "images": ["a.png", "s3://{BUCKET}/already/there.png"]}}',
+        f'{{"post_id": "p2", {at}, "images": ["file://{tmp_path / "a.png"}"]}}',
+        "",
+    ]
+    prepared = prepare_posts(
+        lines, bucket=BUCKET, base_dir=tmp_path, upload=lambda *a: uploads.append(a), validate=True
+    )
+    (key,) = {k for _, k, _ in uploads}
+    assert len(uploads) == 1 and uploads[0][2] == b"png-a"  # one file, uploaded once for both posts
+    first, second = (json.loads(v) for _, v in prepared.items)
+    assert first["images"] == [f"s3://{BUCKET}/{key}", f"s3://{BUCKET}/already/there.png"]
+    assert second["images"] == [f"s3://{BUCKET}/{key}"]
+    assert [k for k, _ in prepared.items] == [b"p1", b"p2"]
+    with pytest.raises(ProduceError, match="line 1: author_id"):
+        prepare_posts(
+            ['{"post_id": "x", "created_at": "2026-01-01T00:00:00Z"}'],
+            bucket=BUCKET,
+            base_dir=tmp_path,
+            upload=lambda *a: None,
+        )
+    with pytest.raises(ProduceError, match=r"line 1: image 'missing\.png'"):
+        prepare_posts(
+            [f'{{"post_id": "x", {at}, "images": ["missing.png"]}}'],
+            bucket=BUCKET,
+            base_dir=tmp_path,
+            upload=lambda *a: None,
+        )
+    raw = prepare_posts(
+        ["{not json"], bucket=BUCKET, base_dir=tmp_path, upload=lambda *a: None, validate=False
+    )
+    assert raw.items == [(None, b"{not json")]  # --raw: sent as it is, to be dead-lettered
