@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from tests.conftest import BUCKET, Services
@@ -30,6 +32,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment without any GUARDSTREAM_* variable of the developer's shell, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDSTREAM_")}
     return {**env, "GUARDSTREAM_LOG_FORMAT": "json", **extra}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main`` in-process configures structlog to print to the captured stderr, which pytest closes after
+    the test: later tests in this process must log where they did before."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
