@@ -35,6 +35,8 @@ def produce(
 
     Local images (file:// or paths relative to the file) are uploaded to the bucket and their refs
     rewritten to s3://bucket/key."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from workers.media import make_s3_client
     from workers.produce import ProduceError, prepare_posts, sample_posts
     from workers.topics import produce_all
@@ -51,7 +53,14 @@ def produce(
     uploaded: list[str] = []
 
     def upload(b: str, key: str, data: bytes) -> None:
-        client.put_object(Bucket=b, Key=key, Body=data)
+        try:
+            client.put_object(Bucket=b, Key=key, Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            where = s.s3_endpoint_url or "AWS S3"
+            raise CliError(
+                f"cannot upload to s3://{b}/ at {where}: {exc} (check --s3-endpoint-url / "
+                "GUARDSTREAM_S3_ENDPOINT_URL and the AWS credentials; nothing was produced)"
+            ) from None
         uploaded.append(key)
 
     if sample is not None:
@@ -72,7 +81,12 @@ def produce(
             ).items
         except ProduceError as exc:
             raise CliError(f"{source or 'stdin'}: {exc} (nothing was produced)") from None
-    n = produce_all(s.bootstrap_servers, s.posts_topic, items, extra=s.kafka_extra)
+    try:
+        n = produce_all(s.bootstrap_servers, s.posts_topic, items, extra=s.kafka_extra)
+    except (
+        RuntimeError
+    ) as exc:  # unacknowledged after the flush timeout: a missing topic, an unreachable broker
+        raise CliError(f"{exc} (is {s.bootstrap_servers} reachable, does the topic exist?)") from None
     print(f"produced {n} posts to {s.posts_topic}; uploaded {len(uploaded)} images to s3://{target}/")
     log.info("posts_produced", posts=n, topic=s.posts_topic, images=len(uploaded), bucket=target)
     return 0
