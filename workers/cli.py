@@ -379,28 +379,41 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from training.export import parse_ratios
+    from training.export import ExportError, check_val_fraction, parse_ratios
     from workers.replay import parse_bound
 
     s = _settings(args)
-    start, end = parse_bound(args.start), parse_bound(args.end)
+    try:  # bad arguments fail before any topic is read, with one line and exit code 2
+        start, end = parse_bound(args.start), parse_bound(args.end)
+        ratios = parse_ratios(args.ratios)
+        check_val_fraction(args.val_fraction)
+    except ValueError as exc:
+        print(f"guardstream export-training: error: {exc}", file=sys.stderr)
+        return 2
     exp = _training_exporter(s)
     out = Path(args.out)
-    with Progress(
-        SpinnerColumn(), TextColumn("exporting: {task.completed} posts read"), console=Console(stderr=True)
-    ) as prog:
-        task = prog.add_task("export", total=None)
-        rep = exp.export(
-            out,
-            start=start if isinstance(start, dt) else None,
-            end=end if isinstance(end, dt) else None,
-            ratios=parse_ratios(args.ratios),
-            val_fraction=args.val_fraction,
-            copy_images=not args.keep_s3_refs,
-            on_progress=lambda n: prog.advance(task, n),
-            fmt=args.format,
-        )
-    exp.close()
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("exporting: {task.completed} posts read"),
+            console=Console(stderr=True),
+        ) as prog:
+            task = prog.add_task("export", total=None)
+            rep = exp.export(
+                out,
+                start=start if isinstance(start, dt) else None,
+                end=end if isinstance(end, dt) else None,
+                ratios=ratios,
+                val_fraction=args.val_fraction,
+                copy_images=not args.keep_s3_refs,
+                on_progress=lambda n: prog.advance(task, n),
+                fmt=args.format,
+            )
+    except ExportError as exc:  # nothing to export is a failure, not an empty dataset
+        print(f"guardstream export-training: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        exp.close()
     Console().print((out / "README.md").read_text())
     log.info("training_export_written", out=str(out), splits=dict(rep.splits))
     return 0
