@@ -102,6 +102,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     if s.metrics_port:
+        from workers.build_info import record_build_info
+
+        record_build_info(s.engine.value)
         start_metrics_server(s.metrics_port)
     worker = build_worker(s)
     worker.install_signal_handlers()
