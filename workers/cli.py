@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -248,11 +249,14 @@ def run_replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
+    from guard.taxonomy import Taxonomy
     from infra.stack import create_topics
     from workers.app import build_moderator
-    from workers.replay import Replayer, parse_bound, render_markdown
+    from workers.replay import Replayer, parse_bound
+    from workers.replay_report import ReportContext, estimate_total, write_reports
 
     create_topics(s.bootstrap_servers, {audit_topic: 1})
+    lo, hi = parse_bound(start), parse_bound(end)
     moderator = build_moderator(s)
     rp = Replayer(
         moderator,
@@ -271,30 +275,52 @@ def run_replay(
         TimeRemainingColumn(),
         console=console,
     ) as prog:
-        task = prog.add_task("replay", total=None, rate=0.0)
+        task = prog.add_task(
+            "replay", total=estimate_total(s.bootstrap_servers, topic, lo, hi, partitions), rate=0.0
+        )
         t0 = time.perf_counter()
 
         def advance(n: int) -> None:
             prog.advance(task, n)
             prog.update(task, rate=prog.tasks[0].completed / max(time.perf_counter() - t0, 1e-6))
 
-        report = rp.run(
-            replay_id, topic, parse_bound(start), parse_bound(end), partitions, on_progress=advance
-        )
+        try:
+            report = rp.run(replay_id, topic, lo, hi, partitions, on_progress=advance)
+        except KeyboardInterrupt:
+            prog.stop()
+            resume = shlex.join(
+                [
+                    "guardstream",
+                    "replay",
+                    "--replay-id",
+                    replay_id,
+                    "--topic",
+                    topic,
+                    "--audit-topic",
+                    audit_topic,
+                ]
+                + (["--from", start] if start else [])
+                + (["--to", end] if end else [])
+                + [a for p in partitions or [] for a in ("--partition", str(p))]
+            )
+            console.print(f"[yellow]interrupted[/]: what was written is kept on {audit_topic}. Resume with:")
+            console.print("  " + resume, markup=False, highlight=False, soft_wrap=True)
+            raise
+        prog.update(task, total=prog.tasks[0].completed)  # the estimate is an upper bound on some brokers
     eng = moderator.engine
-    report_path.write_text(
-        render_markdown(
-            report, topic=topic, engine=eng.name, model=eng.model_version, policy=eng.policy_version
-        ),
-        encoding="utf-8",
+    ctx = ReportContext(
+        topic, eng.name, eng.model_version, eng.policy_version, Taxonomy.load(s.taxonomy_path)
     )
+    run_report = report
+    report, html_path = write_reports(s.bootstrap_servers, audit_topic, run_report, ctx, report_path)
     t = Table(title=f"replay {replay_id} ({eng.name})")
     t.add_column("count")
     t.add_column("value", justify="right")
     for k, v in (
         ("posts in range", report.total),
         ("already done", report.skipped_done),
-        ("audit records written", report.written),
+        ("audit records written (this run)", run_report.written),
+        ("posts replayed (all runs of this id)", report.written),
         ("decisions changed", report.changed),
         ("no original verdict", report.missing_original),
     ):
@@ -302,7 +328,13 @@ def run_replay(
     for kind, n in report.change_kinds.most_common():
         t.add_row(f"  {kind}", str(n))
     Console(width=150).print(t)
-    log.info("replay_finished", replay_id=replay_id, report=str(report_path), audit_topic=audit_topic)
+    log.info(
+        "replay_finished",
+        replay_id=replay_id,
+        report=str(report_path),
+        html_report=str(html_path),
+        audit_topic=audit_topic,
+    )
     moderator.close()
     return 0
 
