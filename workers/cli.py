@@ -68,14 +68,24 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the local stack in the foreground and keep it up until Ctrl-C."""
+    import signal
+
     import boto3
 
-    from infra.stack import LocalStack, create_topics, ensure_bucket
+    from infra.stack import LocalStack, StackError, create_topics, ensure_bucket
 
+    def on_sigterm(_sig: int, _frame: object) -> None:
+        raise SystemExit(0)  # unwinds through stack.stop(): the broker and a Redis we started go too
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     s = _settings(args)
-    stack = LocalStack(
-        broker_port=args.broker_port, s3_port=args.s3_port, redis_url=s.redis_url, storage=args.storage
-    ).start()
+    try:
+        stack = LocalStack(
+            broker_port=args.broker_port, s3_port=args.s3_port, redis_url=s.redis_url, storage=args.storage
+        ).start()
+    except StackError as exc:
+        print(f"guardstream up: error: {exc}", file=sys.stderr)
+        return 1
     try:
         create_topics(stack.broker.bootstrap, _topics(s))
         ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.allowed_buckets[0])

@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from guard.taxonomy import Taxonomy
 from schemas.codec import DecodeError, decode_post
 from schemas.events import AuditRecord, DecisionSummary
+from workers.logging import kafka_logger
 from workers.replay import Bound, ReplayReport, render_markdown
 from workers.topics import read_records
 
@@ -74,6 +75,7 @@ def post_texts(
             "group.id": "guardstream-replay-report",
             "enable.auto.commit": False,
             "log.connection.close": False,
+            "logger": kafka_logger(),
         }
     )
     try:
@@ -131,6 +133,7 @@ def estimate_total(
             "group.id": "guardstream-replay-report",
             "enable.auto.commit": False,
             "log.connection.close": False,
+            "logger": kafka_logger(),
             "isolation.level": "read_committed",
         }
     )
