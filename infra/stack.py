@@ -177,6 +177,9 @@ class RedisServer:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     workdir: str | None = None
+    # persist here instead (dumped on stop, loaded on the next start): the demo's verdict cache survives
+    # from one run to the next without a redis-server left running in between
+    data_dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -188,7 +191,11 @@ class RedisServer:
             raise StackError("redis-server is not installed: apt-get install redis-server")
         if not self.port:
             self.port = free_port()
-        self.workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
+        if self.data_dir:
+            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            self.workdir = self.data_dir
+        else:
+            self.workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
         self.proc = subprocess.Popen(
             [
                 exe,
@@ -197,7 +204,7 @@ class RedisServer:
                 "--port",
                 str(self.port),
                 "--save",
-                "",
+                "3600 1" if self.data_dir else "",  # a save point makes SIGTERM dump before exiting
                 "--appendonly",
                 "no",
                 "--dir",
@@ -228,11 +235,13 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
-        if self.workdir:
+        if self.workdir and not self.data_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> RedisServer | None:
+def ensure_redis(
+    url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True, data_dir: str | None = None
+) -> RedisServer | None:
     """Ping Redis; if none answers, start a non-persistent redis-server of our own on that port and return
     it (the caller stops it: the demo and ``guardstream up`` leave nothing running). None: one answered."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
@@ -247,7 +256,7 @@ def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool =
             "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
         )
     port = int(client.connection_pool.connection_kwargs.get("port", 6379))
-    return RedisServer(port=port).start()
+    return RedisServer(port=port, data_dir=data_dir).start()
 
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 15.0) -> None:
@@ -281,6 +290,7 @@ class LocalStack:
     s3_port: int = 9000
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage: str = "memory://tansu/"
+    redis_data_dir: str | None = None  # where a Redis this stack starts keeps its data (None: nowhere)
     broker: Broker = field(init=False)
     s3: S3Server = field(init=False)
     redis: RedisServer | None = field(init=False, default=None)  # started here, so stopped here
@@ -291,7 +301,7 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
-            self.redis = ensure_redis(self.redis_url)
+            self.redis = ensure_redis(self.redis_url, data_dir=self.redis_data_dir)
             self.broker.start()
             self.s3.start()
         except BaseException:

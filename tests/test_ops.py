@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 from confluent_kafka import Producer
 
@@ -259,16 +260,32 @@ def test_sigterm_on_up_stops_the_broker_and_a_second_up_on_its_port_fails(servic
 
 
 @pytest.mark.integration
-def test_local_stack_stops_the_redis_it_started() -> None:
+def test_local_stack_stops_the_redis_it_started_and_keeps_its_data(tmp_path: Path) -> None:
     port = free_port()
-    stack = LocalStack(broker_port=free_port(), s3_port=free_port(), redis_url=f"redis://127.0.0.1:{port}/0")
-    stack.start()
+
+    def stack() -> LocalStack:
+        return LocalStack(
+            broker_port=free_port(),
+            s3_port=free_port(),
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            redis_data_dir=str(tmp_path / "redis"),
+        )
+
+    first = stack().start()
     try:
-        assert stack.redis is not None and stack.redis.port == port and port_open(port)
+        assert first.redis is not None and first.redis.port == port and port_open(port)
+        redis.Redis.from_url(first.redis.url).set("guardstream-test", "cached")
     finally:
-        stack.stop()
+        first.stop()
     assert not port_open(port), "the redis-server the stack started is still running"
-    assert stack.redis is None
+    assert first.redis is None
+    second = stack().start()  # the demo run twice: the cache is back, no process was left in between
+    try:
+        assert second.redis is not None
+        assert redis.Redis.from_url(second.redis.url).get("guardstream-test") == b"cached"
+    finally:
+        second.stop()
+    assert not port_open(port)
 
 
 @pytest.mark.integration

@@ -150,7 +150,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=150)
     base = _settings(args)
-    stack = LocalStack(broker_port=free_port(), s3_port=free_port(), redis_url=base.redis_url).start()
+    stack = LocalStack(
+        broker_port=free_port(),
+        s3_port=free_port(),
+        redis_url=base.redis_url,
+        # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
+        redis_data_dir=".guardstream/redis",
+    ).start()
     try:
         s = _settings(
             args,
@@ -235,7 +241,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 audit_topic="audit",
                 report_path=Path(args.replay_report),
             )
-            console.print(f"report written to {args.replay_report}")
+            console.print(
+                f"reports written to {args.replay_report} and {Path(args.replay_report).with_suffix('.html')}"
+            )
         if args.export:
             demo_export(s, Path(args.export), console)
         return 0
