@@ -178,3 +178,9 @@ def test_build_info_is_served_on_metrics() -> None:
     assert 'engine="vllm-server"' in lines[0] and f'version="{build_info.package_version()}"' in lines[0]
     assert lines[0].endswith(" 1.0")
     assert re.search(r"^guardstream_ready [01]\.0$", text, re.MULTILINE)
+
+
+def test_k8s_prometheus_rule_carries_the_same_rules() -> None:
+    rule = yaml.safe_load((ROOT / "infra/k8s/prometheus-rules.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
