@@ -5,21 +5,28 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch (this pin is the CPU wheel on the dev/CI image; see README "Install").
+# The CPU build of torch (this pin is the CPU wheel on the dev/CI image; see README "Install notes").
 TORCH  ?= torch==2.13.0
+# Extras per target (pyproject.toml): the demo needs the CPU engine and the embedded stack; the tests
+# also cover the alerts app and the training loop, and need the dev tools. `gpu` is never installed here.
+EXTRAS_demo := cpu,local
+EXTRAS_test := dev,cpu,local,alerts,train
 
 .PHONY: install demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+
+# One stamp per extras set; re-run when pyproject.toml changes.
+$(BIN)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS_$*)]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed-test
 
-demo: install
+demo: $(BIN)/.installed-demo
 	$(BIN)/guardstream demo
 
 lint: install

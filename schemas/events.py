@@ -55,8 +55,8 @@ class ImageRef(BaseModel):
     """A parsed ``s3://bucket/key`` reference."""
 
     model_config = ConfigDict(frozen=True)
-    bucket: str
-    key: str
+    bucket: str = Field(description="S3 bucket name (must be in GUARDSTREAM_ALLOWED_BUCKETS to be fetched).")
+    key: str = Field(description="Object key inside the bucket.")
 
     @classmethod
     def parse(cls, uri: str) -> ImageRef:
@@ -74,14 +74,32 @@ class PostEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = 1
-    post_id: Annotated[str, Field(min_length=1, max_length=256)]
-    author_id: Annotated[str, Field(min_length=1, max_length=256)]
-    created_at: datetime
-    text: str | None = None
-    images: Annotated[list[str], Field(max_length=MAX_IMAGES_PER_POST)] = Field(default_factory=list)
-    locale: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    schema_version: Literal[1] = Field(
+        1, description="Version of this event's schema; readers dead-letter versions they do not support."
+    )
+    post_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="Producer-assigned unique post id: the Kafka key and every downstream event's join key."
+    )
+    author_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="Id of the post's author (alerts count distinct authors; audit exports filter on it)."
+    )
+    created_at: datetime = Field(
+        description="When the post was created (ISO-8601 with a zone); end-to-end latency starts here."
+    )
+    text: str | None = Field(
+        None, description="The post's text, at most 20,000 characters; null or blank for an image-only post."
+    )
+    images: Annotated[list[str], Field(max_length=MAX_IMAGES_PER_POST)] = Field(
+        default_factory=list,
+        description="Up to 4 image references, each s3://bucket/key in an allowed bucket.",
+    )
+    locale: str | None = Field(
+        None, description="Optional BCP-47 locale of the text (informational; not used for the decision)."
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="Free-form string metadata carried alongside the post (not used for the decision).",
+    )
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -109,8 +127,13 @@ class PostEvent(BaseModel):
 class Scores(BaseModel):
     """Engine scores. ``p_unsafe`` is a probability in [0, 1] when the engine can give one."""
 
-    p_unsafe: float | None = None
-    category_similarity: float | None = None
+    p_unsafe: float | None = Field(
+        None,
+        description="Probability that the post is unsafe, in [0, 1]; null when the engine cannot give one.",
+    )
+    category_similarity: float | None = Field(
+        None, description="CPU engine only: cosine similarity to the nearest taxonomy exemplar."
+    )
 
 
 class VerdictEvent(BaseModel):
@@ -118,34 +141,63 @@ class VerdictEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
-    post_id: str
-    author_id: str
-    modality: Modality
+    schema_version: Literal[1] = Field(1, description="Version of this event's schema.")
+    post_id: str = Field(description="Id of the moderated post (also the record key).")
+    author_id: str = Field(description="Author of the moderated post.")
+    modality: Modality = Field(description="What the engine judged: text, image or text_image.")
     # True/False is the engine's decision; None means the engine abstained (it could not see this
     # content, e.g. the CPU baseline on an image-only post) and the post needs another judge.
-    safe: bool | None
-    category: str | None = None
-    category_name: str | None = None
-    subcategory: str | None = None
-    subcategory_name: str | None = None
-    novel_risk: str | None = None
-    abstained_reason: str | None = None
-    parse_error: bool = False
-    reasoning: str | None = None
-    raw_output: str | None = None
-    scores: Scores = Field(default_factory=Scores)
-    engine: str
-    model_version: str
-    policy_version: str
-    content_hash: str
-    cache_hit: bool
-    latency_ms: float
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    post_created_at: datetime
-    decided_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    safe: bool | None = Field(
+        description="The engine's decision: true safe, false unsafe, null abstained (see abstained_reason)."
+    )
+    category: str | None = Field(
+        None, description="Taxonomy main category id (e.g. C9) when unsafe and in the taxonomy."
+    )
+    category_name: str | None = Field(None, description="Human-readable name of category.")
+    subcategory: str | None = Field(
+        None, description="Taxonomy subcategory id (e.g. C9S1) when the engine gave one."
+    )
+    subcategory_name: str | None = Field(None, description="Human-readable name of subcategory.")
+    novel_risk: str | None = Field(
+        None,
+        description="Short description of an out-of-taxonomy risk; also sent to the novel-risks topic.",
+    )
+    abstained_reason: str | None = Field(
+        None, description="Why the engine abstained (safe is null), e.g. an image the CPU engine cannot see."
+    )
+    parse_error: bool = Field(
+        False, description="True when the engine's output did not parse (raw_output kept when published)."
+    )
+    reasoning: str | None = Field(
+        None, description="The engine's reasoning; published only with GUARDSTREAM_PUBLISH_REASONING=true."
+    )
+    raw_output: str | None = Field(
+        None, description="The engine's raw output; published only with GUARDSTREAM_PUBLISH_REASONING=true."
+    )
+    scores: Scores = Field(
+        default_factory=Scores, description="Engine scores (calibrated p_unsafe where available)."
+    )
+    engine: str = Field(description="Engine that decided (e.g. cpu-minilm, vllm).")
+    model_version: str = Field(description="Exact model/checkpoint version that decided.")
+    policy_version: str = Field(
+        description="Version (hash) of the taxonomy and prompts the decision was made under."
+    )
+    content_hash: str = Field(
+        description="Hash of the judged content (text and image bytes); the verdict cache key."
+    )
+    cache_hit: bool = Field(
+        description="True when the verdict came from the Redis cache rather than the engine."
+    )
+    latency_ms: float = Field(description="Time from consuming the post to the decision, in milliseconds.")
+    source_topic: str = Field(description="Topic the post was read from.")
+    source_partition: int = Field(description="Partition the post was read from.")
+    source_offset: int = Field(description="Offset of the post in its partition.")
+    post_created_at: datetime = Field(
+        description="The post's created_at, copied for latency and time-range queries."
+    )
+    decided_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When the decision was made (UTC)."
+    )
 
 
 class DeadLetterEvent(BaseModel):
@@ -153,17 +205,27 @@ class DeadLetterEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
-    post_id: str | None = None
-    error_code: ErrorCode
-    error_class: str
-    message: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    original_key_b64: str | None = None
-    original_value_b64: str
-    failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    schema_version: Literal[1] = Field(1, description="Version of this event's schema.")
+    post_id: str | None = Field(
+        None, description="Id of the post when it could be read from the bytes; null otherwise."
+    )
+    error_code: ErrorCode = Field(description="Stable reason code; alerting and redrive key on it.")
+    error_class: str = Field(
+        description="Python class of the underlying error (diagnostics only; not stable)."
+    )
+    message: str = Field(description="Human-readable error message (not stable).")
+    source_topic: str = Field(description="Topic the post was read from.")
+    source_partition: int = Field(description="Partition the post was read from.")
+    source_offset: int = Field(description="Offset of the post in its partition.")
+    original_key_b64: str | None = Field(
+        None, description="The original record key, base64; null when the record had none."
+    )
+    original_value_b64: str = Field(
+        description="The original record value, base64 (for inspection or redrive)."
+    )
+    failed_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When the post was dead-lettered (UTC)."
+    )
 
     @staticmethod
     def encode_bytes(raw: bytes | None) -> str | None:
@@ -176,16 +238,20 @@ class DeadLetterEvent(BaseModel):
 class DecisionSummary(BaseModel):
     """The parts of a decision an auditor compares, with the exact versions that produced it."""
 
-    safe: bool | None
-    category: str | None = None
-    subcategory: str | None = None
-    novel_risk: str | None = None
-    p_unsafe: float | None = None
-    engine: str
-    model_version: str
-    policy_version: str
-    decided_at: datetime | None = None
-    dead_letter_code: ErrorCode | None = None
+    safe: bool | None = Field(description="true safe, false unsafe, null abstained or dead-lettered.")
+    category: str | None = Field(None, description="Taxonomy main category id when unsafe.")
+    subcategory: str | None = Field(None, description="Taxonomy subcategory id when given.")
+    novel_risk: str | None = Field(None, description="Out-of-taxonomy risk description when given.")
+    p_unsafe: float | None = Field(None, description="The engine's probability of unsafe, when it gave one.")
+    engine: str = Field(description="Engine that decided ('worker' for a dead letter).")
+    model_version: str = Field(description="Exact model version that decided ('-' for a dead letter).")
+    policy_version: str = Field(
+        description="Policy (taxonomy + prompts) version of the decision ('-' for a dead letter)."
+    )
+    decided_at: datetime | None = Field(None, description="When the decision (or dead letter) was made.")
+    dead_letter_code: ErrorCode | None = Field(
+        None, description="Error code when the post was dead-lettered instead of decided."
+    )
 
     @property
     def label(self) -> str:
@@ -203,19 +269,29 @@ class AuditRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
-    replay_id: str
-    post_id: str | None
-    author_id: str | None = None
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    source_timestamp_ms: int | None = None
-    original: DecisionSummary | None  # None: no verdict for this post on the verdicts topic
-    replayed: DecisionSummary
-    changed: bool
-    changes: list[str]  # e.g. safe_to_unsafe, unsafe_to_safe, category_changed, novel_risk_added
-    replayed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    schema_version: Literal[1] = Field(1, description="Version of this event's schema.")
+    replay_id: str = Field(description="Id of the replay run; records are keyed replay_id:partition:offset.")
+    post_id: str | None = Field(
+        description="Id of the replayed post; null when the record was not a readable post."
+    )
+    author_id: str | None = Field(None, description="Author of the replayed post, when known.")
+    source_topic: str = Field(description="Topic the replayed post was read from.")
+    source_partition: int = Field(description="Partition of the replayed post.")
+    source_offset: int = Field(description="Offset of the replayed post.")
+    source_timestamp_ms: int | None = Field(
+        None, description="Kafka timestamp of the replayed post record (ms since the epoch)."
+    )
+    original: DecisionSummary | None = Field(
+        description="The live decision (latest verdict or dead letter); null when there was none."
+    )
+    replayed: DecisionSummary = Field(description="The decision the replay's engine and policy made now.")
+    changed: bool = Field(description="True when the replayed decision differs from the original.")
+    changes: list[str] = Field(
+        description="Kinds of change: safe_to_unsafe, unsafe_to_safe, category_changed, novel_risk_added, ..."
+    )
+    replayed_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When the post was replayed (UTC)."
+    )
 
 
 class ReviewEvent(BaseModel):
@@ -223,19 +299,28 @@ class ReviewEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
-    post_id: Annotated[str, Field(min_length=1, max_length=256)]
-    unsafe: bool
-    category: str | None = None  # taxonomy id (C*S* or C*) when the risk is in the taxonomy
-    novel_risk: str | None = None  # corrected/new description when it is not
-    reviewer_id: Annotated[str, Field(min_length=1)]
-    reviewed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    note: str | None = None
+    schema_version: Literal[1] = Field(1, description="Version of this event's schema.")
+    post_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="Id of the reviewed post."
+    )
+    unsafe: bool = Field(description="The reviewer's label: true unsafe, false safe.")
+    category: str | None = Field(
+        None, description="Taxonomy id (C*S* or C*) when the risk is in the taxonomy."
+    )
+    novel_risk: str | None = Field(
+        None, description="Corrected or new description when the risk is not in the taxonomy."
+    )
+    reviewer_id: Annotated[str, Field(min_length=1)] = Field(description="Who reviewed the post.")
+    reviewed_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC),
+        description="When the review was made (UTC); the latest review of a post wins.",
+    )
+    note: str | None = Field(None, description="Free-text reviewer note.")
 
 
 class WindowCount(BaseModel):
-    window_start: datetime
-    count: int
+    window_start: datetime = Field(description="Start of the tumbling window (UTC).")
+    count: int = Field(description="Posts in the cluster within this window.")
 
 
 class AlertEvent(BaseModel):
@@ -243,22 +328,26 @@ class AlertEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
-    alert_id: str
-    cluster_id: str
-    representative: str  # the medoid description
-    examples: list[str]  # up to k post ids
-    example_descriptions: list[str]
-    size: int
-    counts_per_window: list[WindowCount]
-    window_seconds: int
-    growth: float  # current window vs trailing baseline
-    distinct_authors: int
-    modalities: dict[str, int]
-    first_seen: datetime
-    last_seen: datetime
-    level: int  # 1 on first alert; +1 on each escalation
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    schema_version: Literal[1] = Field(1, description="Version of this event's schema.")
+    alert_id: str = Field(description="Unique id of this alert.")
+    cluster_id: str = Field(description="Id of the emerging-risk cluster that alerted.")
+    representative: str = Field(description="The cluster's medoid novel-risk description.")
+    examples: list[str] = Field(description="Up to k example post ids from the cluster.")
+    example_descriptions: list[str] = Field(description="Novel-risk descriptions of the example posts.")
+    size: int = Field(description="Posts in the cluster so far.")
+    counts_per_window: list[WindowCount] = Field(description="Posts per tumbling window, oldest first.")
+    window_seconds: int = Field(description="Length of a window in seconds (GUARDSTREAM_ALERT_WINDOW_S).")
+    growth: float = Field(description="Current window's count over the trailing baseline.")
+    distinct_authors: int = Field(description="Distinct authors among the cluster's posts.")
+    modalities: dict[str, int] = Field(description="Posts per modality in the cluster.")
+    first_seen: datetime = Field(description="When the cluster's first post was seen.")
+    last_seen: datetime = Field(description="When the cluster's latest post was seen.")
+    level: int = Field(
+        description="1 on the first alert; +1 on each escalation (2x the count last alerted at)."
+    )
+    created_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When the alert was raised (UTC)."
+    )
 
 
 def to_json_bytes(model: BaseModel) -> bytes:

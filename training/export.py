@@ -82,15 +82,36 @@ class ExportReport:
 FORMATS = ("trl", "verl")
 
 
+class ExportError(ValueError):
+    """The export would be empty or was asked for something impossible; the message says why and what to
+    change. The CLI prints it as one line and exits non-zero (an empty dataset is never written)."""
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    # 0 is allowed on purpose: no validation split (the launcher then trains without eval).
+    if not 0.0 <= val_fraction < 1.0 or val_fraction != val_fraction:
+        raise ExportError(
+            f"validation fraction {val_fraction} is outside [0, 1): pass e.g. --val-fraction 0.1 "
+            "(0 = no validation split)"
+        )
+
+
 def parse_ratios(text: str) -> dict[str, float]:
     """``"1:1:1"`` (text:image:text-image) or ``"text=2,image=1,text-image=1"``."""
     names = ["text", "image", "text-image"]
-    if "=" in text:
-        vals = {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
-    else:
-        vals = dict(zip(names, (float(x) for x in text.split(":")), strict=True))
-    if set(vals) - set(names) or any(v < 0 for v in vals.values()) or not any(vals.values()):
-        raise ValueError(f"bad modality ratios {text!r}")
+    bad = ExportError(
+        f"bad modality ratios {text!r}: use text:image:text-image weights such as 1:1:1, or "
+        "name=weight pairs such as text=2,image=1"
+    )
+    try:
+        if "=" in text:
+            vals = {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
+        else:
+            vals = dict(zip(names, (float(x) for x in text.split(":")), strict=True))
+    except ValueError:
+        raise bad from None
+    if set(vals) - set(names) or any(not v >= 0 for v in vals.values()) or not any(vals.values()):
+        raise bad
     total = sum(vals.values())
     return {k: vals.get(k, 0.0) / total for k in names}
 
@@ -186,6 +207,7 @@ class TrainingExporter:
             raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
         if fmt == "verl" and not copy_images:
             raise ValueError("the verl format embeds image bytes: export without --keep-s3-refs")
+        check_val_fraction(val_fraction)  # before reading any topic: a bad value costs nothing
         ratios = ratios or parse_ratios("1:1:1")
         rep = ExportReport()
         verdicts, reviews = self._latest_verdicts(), self._latest_reviews()
@@ -251,6 +273,8 @@ class TrainingExporter:
         chosen.sort(key=lambda s: s.order)
         n_val = math.ceil(len(chosen) * val_fraction) if chosen and val_fraction > 0 else 0
         splits = {"train": chosen[: len(chosen) - n_val], "validation": chosen[len(chosen) - n_val :]}
+        if not splits["train"]:
+            raise ExportError(empty_reason(rep, ratios, len(chosen), start, end))
         self.write_splits(out_dir, splits, rep, fmt)
         self.write_card(out_dir, rep, ratios, val_fraction, fmt)
         self.bank.save(out_dir / "synonym_bank.json")
@@ -401,6 +425,38 @@ class TrainingExporter:
         lines += ["", "| category | records |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(rep.categories.items())]
         (out_dir / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def empty_reason(
+    rep: ExportReport, ratios: dict[str, float], chosen: int, start: datetime | None, end: datetime | None
+) -> str:
+    """Why nothing (or only a validation split) was selected, in the order an operator would check."""
+    window = f" between {start or 'the beginning'} and {end or 'now'}" if start or end else ""
+    if rep.posts_read == 0:
+        return f"no posts{window} on the posts topic: check --from/--to and GUARDSTREAM_POSTS_TOPIC"
+    labeled = rep.posts_read - rep.unlabeled
+    if labeled == 0:
+        return (
+            f"{rep.posts_read} posts{window} but none has a verdict or a review: run the worker over them "
+            "(or publish reviews) first"
+        )
+    if not rep.available:
+        return (
+            f"{labeled} labeled posts, none usable: {rep.media_errors} image fetch errors, "
+            f"{rep.coarse_labels} labels with only a main category for a prompt that asks for C*S*"
+        )
+    if chosen == 0:
+        missing = [m for m, r in ratios.items() if r > 0 and rep.available[m] == 0]
+        have = ", ".join(f"{m}={n}" for m, n in sorted(rep.available.items()))
+        return (
+            f"the modality ratios select 0 records: none available for {', '.join(missing)} (available: "
+            f"{have}); pass --ratios with only those, e.g. --ratios "
+            + ",".join(f"{m}=1" for m in sorted(rep.available))
+        )
+    return (
+        f"only {chosen} record(s) selected and all of them went to the validation split: lower "
+        "--val-fraction (0 = no validation split) or export a longer range"
+    )
 
 
 def write_parquet(path: Path, records: list[dict[str, Any]]) -> None:

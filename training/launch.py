@@ -286,6 +286,12 @@ def dry_run(cfg: dict[str, Any], console: Console, limit: int = 8, trl: bool = T
         )
         return 1
     splits = {s: load_split(root / f"{s}.jsonl") for s in ("train", "validation")}
+    if not splits["train"]:  # an empty dataset would "pass" every check below; it is a failure
+        console.print(
+            f"[red]no training records[/] in {root / 'train.jsonl'}: export some first "
+            "(guardstream export-training --out DIR) and pass --dataset-dir DIR"
+        )
+        return 1
     problems = [p for recs in splits.values() for p in validate(recs, root)]
     console.print(f"dataset {root}: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()))
     for p in problems[:20]:

@@ -15,10 +15,15 @@ import json
 from datetime import datetime
 from typing import Any
 
-import faust
 import numpy as np
 import structlog
 
+from schemas.extras import MissingExtra
+
+try:
+    import faust
+except ImportError as exc:  # one line naming `pip install 'guardstream[alerts]'`
+    raise MissingExtra("alerts", "faust") from exc
 from workers.clustering import Cluster, add, check_alert, merge_near_duplicates
 from workers.kafka_config import faust_broker_kwargs
 from workers.settings import Settings

@@ -10,11 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from workers.logging import kafka_logger
 from workers.settings import Settings
 
 
 def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"bootstrap.servers": bootstrap, "log.connection.close": False}
+    # librdkafka's log lines through structlog, rate-limited (workers/logging.py), not raw on stderr
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "log.connection.close": False,
+        "logger": kafka_logger(),
+    }
     cfg.update(extra or {})
     return cfg
 
@@ -32,6 +38,7 @@ def consumer_config(s: Settings) -> dict[str, Any]:
         "enable.partition.eof": True,  # tells --until-drained runs where each partition ends
         "partition.assignment.strategy": "range",
         "log.connection.close": False,
+        "logger": kafka_logger(),
     }
     cfg.update(s.kafka_extra)
     return cfg
@@ -46,6 +53,7 @@ def producer_config(s: Settings) -> dict[str, Any]:
         "delivery.report.only.error": True,  # acks are checked by flush(); only failures call back
         "message.timeout.ms": int(s.produce_timeout_s * 1000),
         "log.connection.close": False,
+        "logger": kafka_logger(),
     }
     cfg.update(s.kafka_extra)
     return cfg

@@ -12,6 +12,7 @@ import sys
 import typer
 from confluent_kafka import KafkaException
 
+from schemas.extras import MissingExtra
 from workers.cli import alerts, audit, demo, labels, ops, produce, root, tail, topics, worker  # noqa: F401
 from workers.cli.base import ClickException, CliError, UsageError, app
 
@@ -22,26 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (``sys.exit(main())``).
 
     Usage errors (a bad flag value, a missing option) are one line and exit 2; a refused request
-    (``CliError``) is one line and exit 1, raised as ``SystemExit(message)``."""
+    (``CliError``) is one line and exit 1, raised as ``SystemExit(message)``; a missing optional
+    dependency (``MissingExtra``, from any command) is one line naming the ``pip install`` and exit 2.
+    Every such line says ``error:`` so scripts and people can tell it from log output."""
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="guardstream", standalone_mode=False)
     except CliError as exc:
-        raise SystemExit(f"guardstream: {exc.format_message()}") from None
+        raise SystemExit(f"guardstream: error: {exc.format_message()}") from None
     except UsageError as exc:
         if not exc.format_message():  # `guardstream` / `guardstream topics` alone: the help was shown
             return 2
         sub = exc.ctx.command_path if exc.ctx is not None else "guardstream"
-        print(f"{sub}: {exc.format_message()} (see {sub} --help)", file=sys.stderr)
+        print(f"{sub}: error: {exc.format_message()} (see {sub} --help)", file=sys.stderr)
         return 2
     except ClickException as exc:
-        print(f"guardstream: {exc.format_message()}", file=sys.stderr)
+        print(f"guardstream: error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
+    except MissingExtra as exc:  # an optional dependency: the pip install to run, no traceback
+        print(f"guardstream: error: {exc}", file=sys.stderr)
+        return 2
     except typer.Abort:
         return 130
     except KafkaException as exc:  # an unreachable or refusing broker: a fact about the deployment
         print(
-            f"guardstream: Kafka: {exc.args[0] if exc.args else exc} "
+            f"guardstream: error: Kafka: {exc.args[0] if exc.args else exc} "
             "(check --bootstrap-servers / GUARDSTREAM_BOOTSTRAP_SERVERS and GUARDSTREAM_KAFKA_EXTRA)",
             file=sys.stderr,
         )

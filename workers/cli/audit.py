@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
@@ -72,12 +73,15 @@ def run_replay(
     audit_topic: str,
     report_path: Path,
 ) -> int:
-    """Re-moderate a range of a topic; write audit records, a Markdown report and a terminal table."""
+    """Re-moderate a range of a topic; write audit records, the cumulative Markdown + HTML reports of the
+    replay id (``workers/replay_report.py``) and a terminal table. Ctrl-C prints the resume command."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from guard.taxonomy import Taxonomy
     from infra.stack import create_topics
     from workers.app import build_moderator
-    from workers.replay import Replayer, render_markdown
+    from workers.replay import Replayer
+    from workers.replay_report import ReportContext, estimate_total, write_reports
 
     lo, hi = parse_bound_opt(start, "--from"), parse_bound_opt(end, "--to")
     check_range(lo, hi)
@@ -101,33 +105,72 @@ def run_replay(
         TimeRemainingColumn(),
         console=terminal(stderr=True),
     ) as prog:
-        task = prog.add_task("replay", total=None, rate=0.0)
+        total = estimate_total(s.bootstrap_servers, topic, lo, hi, partitions, s.kafka_extra)
+        task = prog.add_task("replay", total=total, rate=0.0)
         t0 = time.perf_counter()
 
         def advance(n: int) -> None:
             prog.advance(task, n)
             prog.update(task, rate=prog.tasks[0].completed / max(time.perf_counter() - t0, 1e-6))
 
-        report = rp.run(replay_id, topic, lo, hi, partitions, on_progress=advance)
+        try:
+            run_report = rp.run(replay_id, topic, lo, hi, partitions, on_progress=advance)
+        except KeyboardInterrupt:
+            prog.stop()
+            err = terminal(stderr=True)
+            err.print(f"[yellow]interrupted[/]: what was written is kept on {audit_topic}. Resume with:")
+            err.print(
+                "  " + resume_command(replay_id, topic, audit_topic, start, end, partitions),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise
+        prog.update(task, total=prog.tasks[0].completed)  # the estimate is an upper bound on some brokers
     eng = moderator.engine
-    report_path.write_text(
-        render_markdown(
-            report, topic=topic, engine=eng.name, model=eng.model_version, policy=eng.policy_version
-        ),
-        encoding="utf-8",
+    ctx = ReportContext(
+        topic, eng.name, eng.model_version, eng.policy_version, Taxonomy.load(s.taxonomy_path)
+    )
+    # cumulative over every run of this replay id (a resumed or repeated run reports the whole replay)
+    report, html_path = write_reports(
+        s.bootstrap_servers, audit_topic, run_report, ctx, report_path, s.kafka_extra
     )
     rows: list[tuple[str, object]] = [
         ("posts in range", report.total),
         ("already done", report.skipped_done),
-        ("audit records written", report.written),
+        ("audit records written (this run)", run_report.written),
+        ("posts replayed (all runs of this id)", report.written),
         ("decisions changed", report.changed),
         ("no original verdict", report.missing_original),
     ]
     rows += [(f"  {kind}", n) for kind, n in report.change_kinds.most_common()]
     terminal().print(counts_table(f"replay {replay_id} ({eng.name})", rows))
-    log.info("replay_finished", replay_id=replay_id, report=str(report_path), audit_topic=audit_topic)
+    log.info(
+        "replay_finished",
+        replay_id=replay_id,
+        report=str(report_path),
+        html_report=str(html_path),
+        audit_topic=audit_topic,
+    )
     moderator.close()
     return 0
+
+
+def resume_command(
+    replay_id: str,
+    topic: str,
+    audit_topic: str,
+    start: str | None,
+    end: str | None,
+    partitions: list[int] | None,
+) -> str:
+    """The command that resumes an interrupted replay (same id: positions already audited are skipped)."""
+    return shlex.join(
+        ["guardstream", "replay", "--replay-id", replay_id, "--topic", topic, "--audit-topic", audit_topic]
+        + (["--from", start] if start else [])
+        + (["--to", end] if end else [])
+        + [a for p in partitions or [] for a in ("--partition", str(p))]
+    )
 
 
 @app.command()

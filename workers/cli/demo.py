@@ -67,7 +67,13 @@ def demo(
         writable_file(replay_report, "--replay-report")
     if export is not None:
         writable_dir(export, "--export")
-    stack = LocalStack(broker_port=free_port(), s3_port=free_port(), redis_url=base.redis_url).start()
+    stack = LocalStack(
+        broker_port=free_port(),
+        s3_port=free_port(),
+        redis_url=base.redis_url,
+        # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
+        redis_data_dir=".guardstream/redis",
+    ).start()
     try:
         s = load_settings(
             **overrides,
@@ -129,7 +135,7 @@ def demo(
                 audit_topic="audit",
                 report_path=replay_report,
             )
-            out.print(f"report written to {replay_report}")
+            out.print(f"reports written to {replay_report} and {replay_report.with_suffix('.html')}")
         if export is not None:
             demo_export(s, export, out)
         if console:

@@ -14,6 +14,7 @@ from workers.cli.base import (
     CliError,
     S3EndpointOpt,
     TaxonomyOpt,
+    UsageError,
     app,
     load_settings,
     log,
@@ -48,21 +49,27 @@ def training_exporter(s: Settings) -> TrainingExporter:
     )
 
 
-def parse_ratios_opt(text: str) -> dict[str, float]:
+def parse_ratios_opt(text: str, ctx: typer.Context | None = None) -> dict[str, float]:
+    """``--ratios``: a bad value is a usage error (exit 2), refused before any topic is read."""
     from training.export import parse_ratios
 
     try:
         return parse_ratios(text)
     except ValueError:
-        raise CliError(
+        raise UsageError(
             f"--ratios {text!r}: expected three non-negative weights text:image:text-image such as 1:1:1 "
-            "(or text=2,image=1,text-image=1), not all zero"
+            "(or text=2,image=1,text-image=1), not all zero",
+            ctx=ctx,
         ) from None
 
 
 def _fraction(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise typer.BadParameter(f"{value} is not in [0, 1) (0.1 holds out a tenth for validation)")
+    from training.export import ExportError, check_val_fraction
+
+    try:
+        check_val_fraction(value)  # the exporter's own rule (NaN included), checked while parsing
+    except ExportError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return value
 
 
@@ -110,6 +117,7 @@ def review(
 
 @app.command("export-training")
 def export_training(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Dataset directory to write.", file_okay=False)],
     bootstrap_servers: BootstrapOpt = None,
     s3_endpoint_url: S3EndpointOpt = None,
@@ -136,28 +144,36 @@ def export_training(
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
+    from training.export import ExportError
+
     s = load_settings(
         bootstrap_servers=bootstrap_servers, s3_endpoint_url=s3_endpoint_url, taxonomy_path=taxonomy_path
     )
     lo, hi = time_range(start, end)
-    mix = parse_ratios_opt(ratios)
+    mix = parse_ratios_opt(ratios, ctx)
     writable_dir(out)
     exp = training_exporter(s)
-    with Progress(
-        SpinnerColumn(), TextColumn("exporting: {task.completed} posts read"), console=Console(stderr=True)
-    ) as prog:
-        task = prog.add_task("export", total=None)
-        rep = exp.export(
-            out,
-            start=lo,
-            end=hi,
-            ratios=mix,
-            val_fraction=val_fraction,
-            copy_images=not keep_s3_refs,
-            on_progress=lambda n: prog.advance(task, n),
-            fmt=fmt.value,
-        )
-    exp.close()
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("exporting: {task.completed} posts read"),
+            console=Console(stderr=True),
+        ) as prog:
+            task = prog.add_task("export", total=None)
+            rep = exp.export(
+                out,
+                start=lo,
+                end=hi,
+                ratios=mix,
+                val_fraction=val_fraction,
+                copy_images=not keep_s3_refs,
+                on_progress=lambda n: prog.advance(task, n),
+                fmt=fmt.value,
+            )
+    except ExportError as exc:  # nothing to export is a failure (exit 1), not an empty dataset
+        raise CliError(str(exc)) from None
+    finally:
+        exp.close()
     terminal().print((out / "README.md").read_text())
     log.info("training_export_written", out=str(out), splits=dict(rep.splits))
     return 0

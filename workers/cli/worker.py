@@ -9,6 +9,7 @@ import typer
 
 from workers.cli.base import (
     BootstrapOpt,
+    CliError,
     EngineOpt,
     GroupOpt,
     MaxBatchOpt,
@@ -57,6 +58,9 @@ def worker(
         metrics_port=metrics_port,
     )
     if s.metrics_port:
+        from workers.build_info import record_build_info
+
+        record_build_info(s.engine.value)  # guardstream_build_info{version, engine, ...} for the dashboard
         start_metrics_server(s.metrics_port)
     w = build_worker(s)
     w.install_signal_handlers()
@@ -91,10 +95,17 @@ def up(
     ] = "memory://tansu/",
 ) -> int:
     """Start the local broker + S3 server (+ Redis) in the foreground until Ctrl-C."""
+    import signal
+
     import boto3
 
-    from infra.stack import LocalStack, create_topics, ensure_bucket
+    from infra.stack import LocalStack, StackError, create_topics, ensure_bucket
     from workers.secrets import mask_url
+
+    def on_sigterm(_sig: int, _frame: object) -> None:
+        raise SystemExit(0)  # unwinds through stack.stop(): the broker and a Redis we started go too
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     s = load_settings(
         engine=engine,
@@ -103,9 +114,12 @@ def up(
         redis_url=redis_url,
         taxonomy_path=taxonomy_path,
     )
-    stack = LocalStack(
-        broker_port=broker_port, s3_port=s3_port, redis_url=s.redis_url, storage=storage
-    ).start()
+    try:
+        stack = LocalStack(
+            broker_port=broker_port, s3_port=s3_port, redis_url=s.redis_url, storage=storage
+        ).start()
+    except StackError as exc:  # a busy port, no redis-server: one line, exit 1, nothing left running
+        raise CliError(str(exc)) from None
     try:
         create_topics(stack.broker.bootstrap, worker_topics(s))
         ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.allowed_buckets[0])

@@ -21,16 +21,27 @@ from typing import Any
 from urllib.parse import urlencode
 
 import structlog
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
-from starlette.templating import Jinja2Templates
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from schemas.extras import MissingExtra
+
+# The web stack is the `console` extra: without it, one line naming the pip install. jinja2 and
+# python-multipart are imported here too because starlette imports them lazily (a template render, the
+# first form post), which would otherwise fail at the first request instead of at start-up.
+try:
+    import itsdangerous  # noqa: F401  (starlette's SessionMiddleware)
+    import jinja2  # noqa: F401
+    import python_multipart  # noqa: F401
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.sessions import SessionMiddleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, RedirectResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+    from starlette.templating import Jinja2Templates
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as exc:
+    raise MissingExtra("console", exc.name or "starlette") from exc
 from guard.taxonomy import Taxonomy
 from schemas.events import ImageRef
 from workers.console.audits import AuditView

@@ -10,7 +10,13 @@ import time
 from typing import Any
 
 import structlog
-import uvicorn
+
+from schemas.extras import MissingExtra
+
+try:
+    import uvicorn
+except ImportError as exc:  # the `console` extra: one line naming `pip install 'guardstream[console]'`
+    raise MissingExtra("console", "uvicorn") from exc
 
 from workers.console.app import build_console, create_app
 from workers.console.ingest import Ingester
