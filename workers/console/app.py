@@ -41,7 +41,7 @@ try:
     from starlette.templating import Jinja2Templates
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as exc:
-    raise MissingExtra("console", exc.name or "starlette") from exc
+    raise MissingExtra("console", (exc.name or "starlette").split(".")[0]) from exc
 from guard.taxonomy import Taxonomy
 from schemas.events import ImageRef
 from workers.console.audits import AuditView
