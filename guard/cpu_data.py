@@ -26,6 +26,7 @@ import yaml
 from guard.taxonomy import DATA_DIR
 
 TEMPLATES_PATH = DATA_DIR / "cpu_train_templates.yaml"
+EXEMPLARS_PATH = DATA_DIR / "cpu_exemplars.yaml"
 Split = Literal["train", "calib", "test"]
 Kind = Literal["pos", "hard", "everyday"]
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -43,6 +44,12 @@ _LEADS = (
     "been thinking about this all week.",
     "my friend told me about this.",
     "real talk.",
+    "work was busy today and the bus was late again.",
+    "we had pizza for lunch and watched the game after.",
+    "my sister is visiting this week, it has been nice.",
+    "the weather finally turned warm, so I walked to the park.",
+    "I have been reading a lot lately, mostly mysteries.",
+    "coffee first, then everything else.",
 )
 _PREFIXES = ("ngl ", "honestly ", "lol ", "pls ", "guys ", "hey, ", "umm ", "fr ")
 _SUFFIXES = (" lol", " !!", " tbh", " ...", " haha", " asap", " 🙃", " thanks")
@@ -91,8 +98,9 @@ def _vary(rng: random.Random, text: str) -> str:
         text = text + rng.choice(_SUFFIXES)
     if rng.random() < 0.15:
         text = _typo(rng, text)
-    if rng.random() < 0.12:
-        text = rng.choice(_LEADS) + " " + text
+    if rng.random() < 0.15:
+        # One or two neutral sentences first: a window of a long post looks like this.
+        text = " ".join(rng.sample(_LEADS, rng.choice((1, 1, 2)))) + " " + text
     return text
 
 
@@ -130,6 +138,14 @@ def build_dataset(seed: int = 0, fills: int = 14, path: Path = TEMPLATES_PATH) -
             expand(t, f"{sub}/neg/{i}", _split_of(i), None, "hard", sub)
     for i, t in enumerate(doc["everyday"]):
         expand(t, f"everyday/{i}", _split_of(i), None, "everyday", "everyday")
+    # The prototype baseline's own hand-written examples (cpu_exemplars.yaml) train the head too: never
+    # held out, so the report does not measure the head on the prototypes' sentences.
+    ex: dict[str, Any] = yaml.safe_load(EXEMPLARS_PATH.read_text(encoding="utf-8"))
+    for sub, texts in ex["unsafe"].items():
+        for i, t in enumerate(texts):
+            expand(t, f"exemplars/{sub}/{i}", "train", sub, "pos", sub)
+    for i, t in enumerate(ex["safe"]):
+        expand(t, f"exemplars/safe/{i}", "train", None, "everyday", "everyday")
     return tuple(rows)
 
 

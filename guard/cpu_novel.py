@@ -26,7 +26,7 @@ _STOP = frozenset(
     when where why how all any both each few more most other some such no nor not only own same than too
     very can will just don should now i me my myself we our ours you your yours he him his she her it its
     they them their what which who whom this that these those am is are was were be been being have has had
-    having do does did doing would could ought im youre hes shes its were theyre ive youve weve theyve id
+    having do does did doing would could ought yourself yourselves himself herself itself themselves ourselves im youre hes shes its were theyre ive youve weve theyve id
     youd hed shed wed theyd ill youll hell shell well theyll isnt arent wasnt werent hasnt havent hadnt
     doesnt dont didnt wont wouldnt shant shouldnt cant cannot couldnt mustnt lets thats whos whats heres
     theres whens wheres whys hows try tried trying get got getting go going gone went make made making do
