@@ -57,7 +57,7 @@ class CpuEngine:
         missing = [s for s in self.head.subcategories if self.taxonomy.resolve(s) is None]
         if missing:
             raise ValueError(
-                f"CPU head {head_path} predicts subcategories {missing} that the taxonomy in use does not have; "
+                f"CPU head {head_path} predicts subcategories {missing} that the taxonomy in use lacks; "
                 "retrain it for this taxonomy with `python -m training.cpu_head` or use the default taxonomy"
             )
         self._novel = (
@@ -66,7 +66,9 @@ class CpuEngine:
             else self.head.novel_confidence
         )
         # Everything that changes a decision is in the version (and so in the cache key).
-        self.model_version = f"{self._emb.version};{self.head.version};t={self.config.threshold};n={self._novel}"
+        self.model_version = (
+            f"{self._emb.version};{self.head.version};t={self.config.threshold};n={self._novel}"
+        )
 
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
         idx = [i for i, it in enumerate(batch) if it.text and it.text.strip()]

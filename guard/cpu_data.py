@@ -108,7 +108,9 @@ def _fill(rng: random.Random, template: str, slots: dict[str, list[str]]) -> str
     def one(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in slots:
-            raise KeyError(f"template {template!r} uses slot {{{name}}} missing from 'slots' in {TEMPLATES_PATH}")
+            raise KeyError(
+                f"template {template!r} uses slot {{{name}}} missing from 'slots' in {TEMPLATES_PATH}"
+            )
         return str(rng.choice(slots[name]))
 
     return _SLOT.sub(one, template)

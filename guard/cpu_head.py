@@ -81,7 +81,8 @@ class CpuHead:
             z = np.load(path, allow_pickle=False)
         except OSError as exc:
             raise FileNotFoundError(
-                f"CPU head weights {path} cannot be read ({exc}); rebuild them with `python -m training.cpu_head`"
+                f"CPU head weights {path} cannot be read ({exc}); "
+                "rebuild them with `python -m training.cpu_head`"
             ) from None
         n_layers = int(z["n_layers"])
         layers = [(z[f"w{i}"].astype(np.float32), z[f"b{i}"].astype(np.float32)) for i in range(n_layers)]

@@ -21,19 +21,26 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 # Function words and very common verbs/adverbs: they end a candidate phrase (a cheap stand-in for a
 # part-of-speech tagger, which the CPU engine does not ship).
 _STOP = frozenset(
-    """a an the and or but if then so because as of at by for with about against between into through
-    during before after above below to from up down in out on off over under again further once here there
-    when where why how all any both each few more most other some such no nor not only own same than too
-    very can will just don should now i me my myself we our ours you your yours he him his she her it its
-    they them their what which who whom this that these those am is are was were be been being have has had
-    having do does did doing would could ought yourself yourselves himself herself itself themselves ourselves im youre hes shes its were theyre ive youve weve theyve id
-    youd hed shed wed theyd ill youll hell shell well theyll isnt arent wasnt werent hasnt havent hadnt
-    doesnt dont didnt wont wouldnt shant shouldnt cant cannot couldnt mustnt lets thats whos whats heres
-    theres whens wheres whys hows try tried trying get got getting go going gone went make made making do
-    doing done let take took taking give gave put see saw seen watch watched post posted posting share
-    shared tag tagged film filmed upload uploaded join everyone everybody someone anyone nobody people
-    guys kids new last next night today tonight tomorrow yesterday week back really still even also like
-    lol omg ok okay yeah who's next until till while accepted viral""".split()
+    " ".join(
+        (
+            "a an the and or but if then so because as of at by for with about against between into",
+            "through during before after above below to from up down in out on off over under again",
+            "further once here there when where why how all any both each few more most other some",
+            "such no nor not only own same than too very can will just don should now i me my myself",
+            "we our ours you your yours he him his she her it its they them their what which who whom",
+            "this that these those am is are was were be been being have has had having do does did",
+            "doing would could ought yourself yourselves himself herself itself themselves ourselves",
+            "im youre hes shes its were theyre ive youve weve theyve id youd hed shed wed theyd ill",
+            "youll hell shell well theyll isnt arent wasnt werent hasnt havent hadnt doesnt dont",
+            "didnt wont wouldnt shant shouldnt cant cannot couldnt mustnt lets thats whos whats heres",
+            "theres whens wheres whys hows try tried trying get got getting go going gone went make",
+            "made making do doing done let take took taking give gave put see saw seen watch watched",
+            "post posted posting share shared tag tagged film filmed upload uploaded join everyone",
+            "everybody someone anyone nobody people guys kids new last next night today tonight",
+            "tomorrow yesterday week back really still even also like lol omg ok okay yeah who's next",
+            "until till while accepted viral",
+        )
+    ).split()
 )
 
 

@@ -67,7 +67,9 @@ def _metrics(rows: list[Example], verdicts: list[Verdict]) -> dict[str, Any]:
         "everyday_fpr": round(rate(kind == "everyday", flagged), 4),
         "subcategory_accuracy_of_caught": round(sub_ok / max(len(caught), 1), 4),
         "category_accuracy_of_caught": round(cat_ok / max(len(caught), 1), 4),
-        "novel_of_caught": round(sum(verdicts[k].novel_risk is not None for k in caught) / max(len(caught), 1), 4),
+        "novel_of_caught": round(
+            sum(verdicts[k].novel_risk is not None for k in caught) / max(len(caught), 1), 4
+        ),
     }
 
 
@@ -84,7 +86,10 @@ def _confusion(rows: list[Example], verdicts: list[Verdict]) -> dict[str, dict[s
 
 
 def report(
-    head_path: Path = HEAD_PATH, split: str = "test", limit: int | None = None, embedder: Embedder | None = None
+    head_path: Path = HEAD_PATH,
+    split: str = "test",
+    limit: int | None = None,
+    embedder: Embedder | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of the head and of the prototype baseline, on the same rows, in this run.
 
@@ -105,8 +110,6 @@ def report(
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
         if name == "head":
             out["head_confusion"] = _confusion(rows, verdicts)
-            if hasattr(engine, "head"):
-                out[name]["threshold"] = getattr(engine, "config").threshold
     return out
 
 
