@@ -50,6 +50,10 @@ _LEADS = (
     "the weather finally turned warm, so I walked to the park.",
     "I have been reading a lot lately, mostly mysteries.",
     "coffee first, then everything else.",
+    "the kids had a school trip to the zoo and came back exhausted and happy.",
+    "we spent the afternoon fixing the fence and painting the shed green.",
+    "I tried a new bakery this morning and the croissants were amazing.",
+    "my phone battery died halfway through the day, of course.",
 )
 _PREFIXES = ("ngl ", "honestly ", "lol ", "pls ", "guys ", "hey, ", "umm ", "fr ")
 _SUFFIXES = (" lol", " !!", " tbh", " ...", " haha", " asap", " 🙃", " thanks")
@@ -98,9 +102,10 @@ def _vary(rng: random.Random, text: str) -> str:
         text = text + rng.choice(_SUFFIXES)
     if rng.random() < 0.15:
         text = _typo(rng, text)
-    if rng.random() < 0.15:
-        # One or two neutral sentences first: a window of a long post looks like this.
-        text = " ".join(rng.sample(_LEADS, rng.choice((1, 1, 2)))) + " " + text
+    if rng.random() < 0.3:
+        # Neutral sentences first: a window of a long post looks like this, and the head must learn that
+        # harmless chatter around a harmful sentence does not make it harmless (nor a benign one harmful).
+        text = " ".join(rng.sample(_LEADS, rng.choice((1, 1, 2, 3)))) + " " + text
     return text
 
 

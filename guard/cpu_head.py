@@ -7,13 +7,15 @@ ship as ``guard/data/cpu_head.npz`` (numpy only at run time, no torch for the he
 rebuilt by ``python -m training.cpu_head``.
 
 Long posts: MiniLM mean-pools its tokens, so one harmful sentence after a dozen harmless ones is diluted
-away (and anything past 256 word pieces is cut). ``windows()`` splits a post into at most
-``MAX_WINDOWS`` overlapping word windows; the engine judges each and keeps the most unsafe one.
+away (and anything past 256 word pieces is cut). ``windows()`` cuts a post into at most ``MAX_WINDOWS``
+sentence-aligned chunks plus the seams between them (overlapping windows); the engine judges each and
+keeps the most unsafe one. Cost grows with the post's length (about twice its tokens are encoded).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,29 +26,62 @@ from guard.embeddings import FloatArray
 from guard.taxonomy import DATA_DIR
 
 HEAD_PATH = DATA_DIR / "cpu_head.npz"
-WINDOW_WORDS = 40  # a short post is one window; training rows are 5-35 words
-MAX_WINDOWS = 8
+WINDOW_WORDS = 32  # a post this short is one window; most training rows are 5-35 words
+CHUNK_WORDS = 16  # a long post's windows start this small (about one sentence) and grow only when needed
+MAX_WINDOWS = 8  # sentence-aligned windows per post; plus at most 7 seams between neighbours
 MAX_WINDOW_WORDS = 180  # about MiniLM's 256 word-piece limit
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _units(text: str) -> list[list[str]]:
+    """Sentences as word lists; a sentence longer than ``WINDOW_WORDS`` is cut into pieces of that size."""
+    out: list[list[str]] = []
+    for sentence in _SENTENCE_END.split(text):
+        w = sentence.split()
+        out.extend(w[a : a + WINDOW_WORDS] for a in range(0, len(w), WINDOW_WORDS))
+    return out
+
+
+def _pack(units: list[list[str]], target: int) -> list[list[list[str]]]:
+    chunks: list[list[list[str]]] = []
+    size = 0
+    for u in units:
+        if chunks and size + len(u) <= target:
+            chunks[-1].append(u)
+            size += len(u)
+        else:
+            chunks.append([u])
+            size = len(u)
+    return chunks
 
 
 def windows(text: str) -> list[str]:
-    """Overlapping word windows (half-overlap) covering the post; at most ``MAX_WINDOWS``.
+    """The windows a post is judged by, in reading order; the engine keeps the most unsafe one.
 
-    Windows grow (up to ``MAX_WINDOW_WORDS``) so that eight of them still cover the whole post; past about
-    800 words the first seven windows and the last one are judged, and the middle is not seen.
+    A short post is one window. A long one is cut at sentence ends into at most ``MAX_WINDOWS`` chunks,
+    each as small as the bound allows (a harmful sentence is diluted by as little harmless text as
+    possible: MiniLM mean-pools), plus a window over each seam between neighbouring chunks (the last
+    sentence of one and the first of the next), so a statement across a cut is still seen whole. Past
+    about 1,200 words, the first seven chunks and the last are judged and the middle is not.
     """
     words = text.split()
-    n = len(words)
-    if n <= WINDOW_WORDS:
+    if len(words) <= WINDOW_WORDS:
         return [text]
-    size = min(max(WINDOW_WORDS, math.ceil(2 * n / (MAX_WINDOWS + 1))), MAX_WINDOW_WORDS)
-    stride = max(1, size // 2)
-    starts = list(range(0, max(n - size, 0) + 1, stride))
-    if starts[-1] + size < n:
-        starts.append(n - size)  # the end of the post is always seen when it fits the bound
-    if len(starts) > MAX_WINDOWS:
-        starts = [*starts[: MAX_WINDOWS - 1], starts[-1]]  # bounded cost; the end stays in view
-    return [" ".join(words[s : s + size]) for s in starts]
+    units = _units(text)
+    target = min(max(CHUNK_WORDS, math.ceil(len(words) / MAX_WINDOWS)), MAX_WINDOW_WORDS)
+    chunks = _pack(units, target)
+    while len(chunks) > MAX_WINDOWS and target < MAX_WINDOW_WORDS:
+        target = min(target + 4, MAX_WINDOW_WORDS)
+        chunks = _pack(units, target)
+    keep = list(range(len(chunks)))
+    if len(keep) > MAX_WINDOWS:
+        keep = [*keep[: MAX_WINDOWS - 1], keep[-1]]  # bounded cost; the end stays in view
+    out: list[str] = []
+    for n, k in enumerate(keep):
+        if n and keep[n - 1] == k - 1:
+            out.append(" ".join([*chunks[k - 1][-1], *chunks[k][0]]))  # the seam
+        out.append(" ".join(w for u in chunks[k] for w in u))
+    return out
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,18 @@ def test_a_threat_after_twelve_harmless_sentences_is_caught(cpu_engine: CpuEngin
 
 def test_windows_are_bounded_overlapping_and_reach_the_end() -> None:
     assert windows("short post here") == ["short post here"]
-    words = [f"w{i}" for i in range(2000)]
-    for n in (41, 60, 130, 300, 800, 2000):
+    words = [f"w{i}" for i in range(3000)]
+    for n in (33, 60, 130, 300, 800, 1200, 3000):
         ws = windows(" ".join(words[:n]))
-        assert 1 < len(ws) <= MAX_WINDOWS
+        assert 1 < len(ws) <= 2 * MAX_WINDOWS - 1
+        assert all(len(w.split()) <= 180 for w in ws)
         assert ws[0].split()[0] == "w0" and ws[-1].split()[-1] == f"w{n - 1}"
-        if n <= 800:  # every word is in some window
-            seen = {w for x in ws for w in x.split()}
-            assert seen == set(words[:n])
+        if n <= 1200:  # every word is in some window
+            assert {w for x in ws for w in x.split()} == set(words[:n])
+    sentences = [f"Sentence number {i} is here." for i in range(40)]
+    ws = windows(" ".join(sentences))
+    assert all(w.endswith(".") for w in ws)  # cut at sentence ends
+    assert any(s in w for w in ws for s in ("number 39 is here.",))
 
 
 def test_calibration_is_monotonic_and_bounded() -> None:

@@ -28,9 +28,9 @@ from guard.taxonomy import Taxonomy
 
 log = structlog.get_logger()
 HEAD_FORMAT = "mlp-v1"
-# Unsafe, but no subcategory reaches this probability (seven times the uniform 1/28): the head is guessing
+# Unsafe, but no subcategory reaches this probability (about eight times the uniform 1/28): the head is guessing
 # among subcategories, so the post is reported as a novel risk instead of a wrong category.
-NOVEL_CONFIDENCE = 0.25
+NOVEL_CONFIDENCE = 0.3
 
 
 def _embed(texts: list[str], key: str) -> FloatArray:
@@ -83,7 +83,7 @@ def fit_mlp(
     ]
 
 
-def build(out: Path = HEAD_PATH, seed: int = 0, hidden: int = 256) -> CpuHead:
+def build(out: Path = HEAD_PATH, seed: int = 0, hidden: int = 512) -> CpuHead:
     rows = build_dataset()
     subs = [s.id for c in Taxonomy.load().categories for s in c.subcategories]
     data_digest = digest(rows)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HEAD_PATH)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=int, default=256, help="hidden units; 0 = softmax regression")
+    ap.add_argument("--hidden", type=int, default=512, help="hidden units; 0 = softmax regression")
     ap.add_argument("--no-report", action="store_true", help="skip the held-out report after training")
     a = ap.parse_args(argv)
     build(a.out, a.seed, a.hidden)
