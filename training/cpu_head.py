@@ -28,8 +28,8 @@ from guard.taxonomy import Taxonomy
 
 log = structlog.get_logger()
 HEAD_FORMAT = "mlp-v1"
-# Unsafe, but no subcategory reaches this probability (about eight times the uniform 1/28): the head is guessing
-# among subcategories, so the post is reported as a novel risk instead of a wrong category.
+# Unsafe, but no subcategory reaches this probability (about eight times the uniform 1/28): the head is
+# guessing among subcategories, so the post is reported as a novel risk instead of a wrong category.
 NOVEL_CONFIDENCE = 0.3
 
 
