@@ -29,6 +29,8 @@ from guard.prompts import PromptSet
 from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
 
+NOVEL_MIN_P_UNSAFE = 0.5
+
 
 @dataclass(frozen=True)
 class CpuEngineConfig:
@@ -105,7 +107,10 @@ class CpuEngine:
             if p < self.config.threshold:
                 out[i] = Verdict(safe=True, p_unsafe=p, category_similarity=conf, abstained_reason=note)
                 continue
-            if conf < self._novel:
+            # Novel only when the head itself says unsafe (p >= 0.5), whatever the operator's threshold: a
+            # lax threshold flags posts the head thinks are probably safe, and those must not flood the
+            # emerging-risk stream with novel risks; they get the head's best-guess subcategory instead.
+            if conf < self._novel and p >= NOVEL_MIN_P_UNSAFE:
                 out[i] = Verdict(
                     safe=False,
                     novel_risk=salient_phrase(texts[r], x[r], self._emb),
