@@ -1,4 +1,5 @@
-"""The default CPU engine runs the real MiniLM weights. Sentences here are not in cpu_exemplars.yaml."""
+"""The default CPU engine runs the real MiniLM weights and the shipped head. Sentences here are not in its
+training data (cpu_exemplars.yaml, cpu_train_templates.yaml)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def test_out_of_taxonomy_harm_becomes_a_novel_risk(cpu_engine: CpuEngine) -> Non
     from workers.sample_feed import BURST_TEXTS
 
     verdicts = cpu_engine.moderate([ModerationItem(str(i), t) for i, t in enumerate(BURST_TEXTS)])
-    novel = [v for v in verdicts if v.safe is False and v.novel_risk and v.category is None]
-    assert len(novel) >= len(BURST_TEXTS) - 1  # the extractive baseline flags the new "challenge" trend
-    assert all(v.novel_risk and len(v.novel_risk.split()) <= 8 for v in novel)
+    novel = [(v, t) for v, t in zip(verdicts, BURST_TEXTS, strict=True) if v.safe is False and v.novel_risk]
+    assert len(novel) >= len(BURST_TEXTS) - 1  # unsafe, and no subcategory fits the new "challenge" trend
+    leading = 0
+    for v, t in novel:
+        assert v.category is None and v.novel_risk
+        # a short phrase taken from the post: something alerts can cluster on
+        assert len(v.novel_risk.split()) <= 3 and v.novel_risk in t.lower()
+        leading += t.lower().startswith(v.novel_risk)
+    assert leading <= 2  # the salient phrase, not (as the prototype engine gave) the post's first words
