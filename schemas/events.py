@@ -49,6 +49,8 @@ class ErrorCode(StrEnum):
     S3_UNAVAILABLE = "s3_unavailable"
     ENGINE_FAILED = "engine_failed"
     ENGINE_OUTPUT_UNPARSEABLE = "engine_output_unparseable"
+    ENGINE_TIMEOUT = "engine_timeout"  # the engine did not answer within ENGINE_TIMEOUT_S, twice
+    INTERNAL_ERROR = "internal_error"  # an unexpected exception while preparing this record (a bug)
 
 
 class ImageRef(BaseModel):
@@ -162,7 +164,12 @@ class DeadLetterEvent(BaseModel):
     source_partition: int
     source_offset: int
     original_key_b64: str | None = None
+    # the original value, or its first GUARDSTREAM_DLQ_MAX_ORIGINAL_BYTES when it is larger (a dead letter
+    # must always fit in a broker message); size and sha256 always describe the whole original
     original_value_b64: str
+    original_value_size: int | None = None
+    original_value_sha256: str | None = None
+    original_value_truncated: bool = False
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @staticmethod

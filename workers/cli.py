@@ -98,16 +98,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import build_worker
     from workers.metrics import start_metrics_server
-    from workers.runner import BrokerUnavailable, PublishError
+    from workers.runner import PublishError, Unavailable
 
     s = _settings(args)
     if s.metrics_port:
-        start_metrics_server(s.metrics_port)
+        start_metrics_server(s.metrics_port, s.metrics_host)
     worker = build_worker(s)
     worker.install_signal_handlers()
     try:
         stats = worker.run(until_drained=args.until_drained)
-    except (BrokerUnavailable, PublishError) as exc:
+    except (Unavailable, PublishError) as exc:
         # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
         log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
         return 3

@@ -33,6 +33,10 @@ class MediaError(Exception):
         self.message = message
 
 
+class MediaUnavailable(RuntimeError):  # infrastructure (S3 down/5xx/throttled/auth): an outage, not bad data
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class FetchedImage:
     ref: ImageRef

@@ -27,7 +27,7 @@ TP = tuple[str, int]
 class OffsetTracker:
     """One partition, one assignment epoch."""
 
-    __slots__ = ("epoch", "_entered", "_done", "_last", "_committed")
+    __slots__ = ("_committed", "_done", "_entered", "_last", "epoch")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,7 +38,9 @@ class OffsetTracker:
 
     def add(self, offset: int) -> None:
         if self._last is not None and offset <= self._last:
-            raise ValueError(f"offset {offset} entered after {self._last}: a partition's records enter in order")
+            raise ValueError(
+                f"offset {offset} entered after {self._last}: a partition's records enter in order"
+            )
         self._entered.append(offset)
         self._last = offset
 
