@@ -32,8 +32,8 @@ Stand-ins (tests, the bench's GPU simulator) are injected with ``llm_factory(**e
         (a final output with finish_reason "abort", an exception, or simply stopping)
     llm.shutdown()               (sync or async)
     llm.errored: bool            (optional; True after the engine died)
-    raise any exception class named ``EngineDeadError`` (vLLM's, or ``guard.types.EngineDeadError``)
-        from generate when the engine is gone.
+    raise an exception whose class name ends in ``EngineDeadError`` (vLLM's, ``guard.types``', a
+        simulator's ``SimEngineDeadError``) from generate when the engine is gone.
 
 With no ``sampling_params_factory`` and an injected ``llm_factory`` the sampling params are a
 ``types.SimpleNamespace`` of the kwargs (``sp.max_tokens``, ``sp.temperature``, ``sp.logprobs``,
@@ -169,12 +169,12 @@ def _vllm_logprobs(completion: Any) -> tuple[list[str], list[dict[str, float]]]:
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
-    """vLLM's ``EngineDeadError`` (or a stand-in's class of that name) anywhere in the cause chain.
+    """vLLM's ``EngineDeadError`` (or a stand-in's ``...EngineDeadError``) anywhere in the cause chain.
 
     Matched by name so this module needs no vLLM import, and so a bench stand-in can signal it too."""
     seen: BaseException | None = exc
     while seen is not None:
-        if any(k.__name__ == "EngineDeadError" for k in type(seen).__mro__):
+        if any(k.__name__.endswith("EngineDeadError") for k in type(seen).__mro__):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

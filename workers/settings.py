@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     vllm_server_url: str = "http://127.0.0.1:8003/v1"
     vllm_server_model: str = "ProGuard-7B"
     vllm_server_api_key: str | None = None
-    vllm_server_concurrency: int = Field(64, ge=1, le=1024)
+    # requests in flight to the server; None: 2 x VLLM_MAX_NUM_SEQS (keeps the server's running batch full)
+    vllm_server_concurrency: int | None = Field(None, ge=1, le=4096)
     vllm_server_timeout_s: float = Field(120.0, gt=0)
 
     # Operations
