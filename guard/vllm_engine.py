@@ -266,8 +266,12 @@ class AsyncVllmEngine:
             async for out in stream:
                 final = out
         except asyncio.CancelledError:
-            # vLLM's generate aborts on cancellation itself; a stand-in may not, and a double abort is a
-            # no-op in vLLM (unknown ids are ignored)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # nobody cancelled us: the engine cancelled the request (a stand-in's abort/shutdown)
+                raise self._error(None, rid, "request was cancelled by the engine") from None
+            # our caller cancelled: vLLM's generate aborts on cancellation itself; a stand-in may not,
+            # and a double abort is a no-op in vLLM (unknown ids are ignored)
             await self._abort(rid)
             raise
         except EngineError:

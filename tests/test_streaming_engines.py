@@ -82,6 +82,7 @@ class FakeAsyncLLM:
     aborted: list[str] = field(default_factory=list)
     shutdowns: int = 0
     errored: bool = False
+    abort_cancels: bool = False  # abort cancels the request's await (as the bench simulator does)
     gates: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     _waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -114,7 +115,10 @@ class FakeAsyncLLM:
         self.aborted.append(request_id)
         gate = self.gates.get(request_id)
         if gate is not None and not gate.done():
-            gate.set_result("abort")
+            if self.abort_cancels:
+                gate.cancel()
+            else:
+                gate.set_result("abort")
 
     def shutdown(self) -> None:
         self.shutdowns += 1
@@ -270,6 +274,26 @@ def test_async_vllm_engine_aclose_aborts_outstanding_and_shuts_down(prompts: Pro
             await eng.judge(ModerationItem("late", "x"))
         await eng.aclose()
         assert llm.shutdowns == 1
+
+    run(main())
+
+
+def test_async_vllm_engine_engine_side_cancellation_is_not_the_callers(prompts: PromptSet) -> None:
+    eng, llm, _ = make_async_vllm(prompts)
+    llm.abort_cancels = True
+
+    async def main() -> None:
+        t0 = asyncio.create_task(eng.judge(ModerationItem("0", "x")))
+        await llm.started(1)
+        llm.gates[llm.calls[0][2]].cancel()  # the engine dropped the request by itself
+        with pytest.raises(EngineRequestError, match="cancelled by the engine"):
+            await t0
+        tasks = [asyncio.create_task(eng.judge(ModerationItem(str(i), "x"))) for i in (1, 2)]
+        await llm.started(3)
+        await eng.aclose()  # this stand-in's abort cancels the awaits: still "engine closed", not cancelled
+        for t in tasks:
+            with pytest.raises(EngineDeadError, match="closed"):
+                await t
 
     run(main())
 
