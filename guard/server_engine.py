@@ -195,6 +195,8 @@ class AsyncServerEngine:
             now = time.monotonic()
             if self._failing_since is None:
                 self._failing_since = now
+                # once per outage, not once per retry of each of up to max_concurrency requests
+                log.warning("vllm server failing", server=self.display_url, error=last[:200])
             failing_for = now - self._failing_since
             if self._closed:
                 raise EngineDeadError("server engine closed while a request was in flight")
@@ -216,7 +218,7 @@ class AsyncServerEngine:
                     raise EngineRequestError(f"chat completion failed after {attempts} attempt(s): {last}")
             delay = min(c.backoff_max_s, c.backoff_base_s * (2**waits)) * (0.5 + random.random())
             waits += 1
-            log.warning(
+            log.debug(
                 "chat completion retry",
                 server=self.display_url,
                 error=last[:200],
