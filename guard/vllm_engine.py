@@ -72,6 +72,8 @@ from schemas.events import Modality
 
 log = structlog.get_logger(__name__)
 
+_ABORT_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True)
 class VllmConfig:
@@ -304,7 +306,8 @@ class AsyncVllmEngine:
         try:
             res = self.llm.abort(rid)
             if inspect.isawaitable(res):
-                await res
+                # bounded: an engine core that died mid-shutdown must not hang a cancellation
+                await asyncio.wait_for(res, _ABORT_TIMEOUT_S)
         except Exception as exc:  # an engine already gone cannot abort; nothing is left to free
             log.warning("vllm abort failed", request_id=rid, error=f"{type(exc).__name__}: {exc}")
 
