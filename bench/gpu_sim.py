@@ -85,7 +85,7 @@ class SimConfig:
         """Output length for content with this hash: lognormal quantile of the hash, clamped."""
         u = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
         n = self.median_output_tokens * math.exp(self.output_sigma * NormalDist().inv_cdf(u))
-        return max(self.min_output_tokens, min(round(n), max_tokens or self.max_tokens))
+        return min(max(self.min_output_tokens, round(n)), max_tokens or self.max_tokens)
 
     def uncapped_tokens(self, digest: bytes) -> int:
         return self.output_tokens(digest, max_tokens=1 << 30)
@@ -153,6 +153,9 @@ class SimOutput:
         return {tok: -0.01}
 
 
+ABORTED = SimOutput((), False, None, "abort")
+
+
 class Categories:
     """Subcategory ids of the shipped taxonomy, so unsafe answers name a category the parser resolves."""
 
@@ -166,10 +169,11 @@ class Categories:
 
 
 def proguard_output(
-    digest: bytes, n_tokens: int, cfg: SimConfig, *, with_response: bool = True, truncated: bool = False
+    digest: bytes, n_tokens: int, cfg: SimConfig, *, with_response: bool = True, cut_at: int | None = None
 ) -> SimOutput:
-    """``n_tokens`` tokens of ProGuard-format text; reasoning filler, then the answer block (kept whole
-    unless the output was capped: then it is cut at ``n_tokens``, as a real truncated generation)."""
+    """``n_tokens`` tokens of ProGuard-format text: reasoning filler, then the answer block. ``cut_at``
+    (the request's max_tokens, when below ``n_tokens``) truncates it there, as a real capped generation:
+    the answer block is lost and the parser reports a parse error."""
     unsafe = digest[8] / 256 < cfg.unsafe_fraction
     ids = Categories.ids()
     category = ids[int.from_bytes(digest[9:11], "big") % len(ids)] if unsafe else None
@@ -181,7 +185,10 @@ def proguard_output(
     head = ["<think>", "\n"]
     filler_n = max(0, n_tokens - len(head) - len(answer))
     filler = [_FILLER[i % len(_FILLER)] for i in range(filler_n)]
-    tokens = (head + filler + answer)[:n_tokens] if truncated else head + filler + answer
+    tokens = head + filler + answer
+    truncated = cut_at is not None and cut_at < len(tokens)
+    if truncated:
+        tokens = tokens[:cut_at]
     return SimOutput(tuple(tokens), unsafe, category, "length" if truncated else "stop")
 
 
@@ -292,13 +299,14 @@ class GpuSim:
         return req.future
 
     def output_for(self, req: SimRequest) -> SimOutput:
-        truncated = self.config.uncapped_tokens(req.digest) > req.max_tokens
+        full = self.config.uncapped_tokens(req.digest)
         return proguard_output(
-            req.digest, req.target, self.config, with_response=req.with_response, truncated=truncated
+            req.digest, full, self.config, with_response=req.with_response, cut_at=req.max_tokens
         )
 
     def abort(self, request_id: str) -> bool:
-        """Drop a waiting or running request (its slot frees at the next step); False if unknown/done."""
+        """Drop a waiting or running request (its slot frees at the next step); its future resolves to
+        ``ABORTED``. False if the id is unknown or already finished."""
         for i, r in enumerate(self._waiting):
             if r.request_id == request_id:
                 del self._waiting[i]
@@ -344,7 +352,9 @@ class GpuSim:
     def _cancel(self, r: SimRequest) -> None:
         self._stats.aborted += 1
         if r.future is not None and not r.future.done():
-            r.future.cancel()
+            # as vLLM: the request's stream ends with a final output whose finish_reason is "abort"
+            # (cancelling the future would raise CancelledError in a consumer that was not cancelled)
+            r.future.set_result(ABORTED)
 
     def _ensure_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is not None and not self._task.done():
