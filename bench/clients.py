@@ -88,3 +88,50 @@ async def static_batches(call: Callable[[int], Awaitable[object]], n: int, batch
         run.latencies_s.extend(now - t for _ in idx)
         run.done_at.extend(wall for _ in idx)
     return run
+
+
+async def paced_streaming(call: Callable[[int], Awaitable[object]], n: int, rate: float) -> list[float]:
+    """Arrivals every ``1/rate`` s, each submitted the moment it arrives (the streaming design).
+    Returns arrival → completion latencies (s)."""
+    lat: list[float] = []
+    t0 = time.perf_counter()
+
+    async def one(i: int, arrived: float) -> None:
+        await call(i)
+        lat.append(time.perf_counter() - arrived)
+
+    tasks = []
+    for i in range(n):
+        arrive = t0 + i / rate
+        delay = arrive - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the arrival process itself, not synchronization
+        tasks.append(asyncio.create_task(one(i, arrive)))
+    await asyncio.gather(*tasks)
+    return lat
+
+
+async def paced_batches(
+    call: Callable[[int], Awaitable[object]], n: int, rate: float, batch: int, max_wait_s: float
+) -> list[float]:
+    """The same arrivals into the batch-synchronous design: a batch closes at ``batch`` posts or
+    ``max_wait_s`` after its first, one batch in the engine at a time, the next gathering meanwhile.
+    Returns arrival → completion latencies (s)."""
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    arrivals = [t0 + i / rate for i in range(n)]
+    i = 0
+    while i < n:
+        close_at = arrivals[i] + max_wait_s  # gathering began when its first post arrived
+        if arrivals[i] > time.perf_counter():
+            await asyncio.sleep(arrivals[i] - time.perf_counter())  # waiting for the next arrival
+        j = i
+        while j < n and j - i < batch and arrivals[j] <= max(close_at, time.perf_counter()):
+            if arrivals[j] > time.perf_counter():
+                await asyncio.sleep(arrivals[j] - time.perf_counter())
+            j += 1
+        await asyncio.gather(*(call(k) for k in range(i, j)))
+        done = time.perf_counter()
+        lat.extend(done - arrivals[k] for k in range(i, j))
+        i = j
+    return lat

@@ -40,7 +40,15 @@ import aiohttp
 import boto3
 from confluent_kafka import Producer
 
-from bench.clients import ClientRun, keep_in_flight, percentile, static_batches, steady_window
+from bench.clients import (
+    ClientRun,
+    keep_in_flight,
+    paced_batches,
+    paced_streaming,
+    percentile,
+    static_batches,
+    steady_window,
+)
 from bench.gpu_sim import GpuSim, SimAsyncLLM, SimConfig, mean_running
 from bench.sim_server import SimServerProcess
 from guard.engines import build_streaming_engine
@@ -141,6 +149,41 @@ def inprocess_client(feed: Feed, sim_cfg: SimConfig, static: bool = False, n: in
         percentile(run.latencies_s, 0.5) * 1e3,
         percentile(run.latencies_s, 0.99) * 1e3,
     )
+
+
+def paced_designs(feed: Feed, sim_cfg: SimConfig, rate: float, seconds: float) -> dict[str, Measured]:
+    """The same arrival process (``rate`` posts/s, text) into the streaming design (each post submitted
+    as it arrives) and into the batch design (batches of 32 / 50 ms, one in the engine at a time), each
+    on a fresh simulator: latency arrival → verdict at a load both designs sustain."""
+    prompts = PromptSet(Taxonomy.load())
+    n = max(STATIC_BATCH, int(rate * seconds))
+    items = [it for it in feed.items if not it.images][:n]
+    requests = [build_request(prompts, it) for it in items]
+    sp = SimpleNamespace(max_tokens=1024, logprobs=5)
+    out: dict[str, Measured] = {}
+    for design in ("streaming", "batches of 32"):
+        sim = GpuSim(sim_cfg)
+        llm = SimAsyncLLM(sim)
+        run_id = uuid.uuid4().hex[:6]
+
+        async def call(i: int, llm: SimAsyncLLM = llm, run_id: str = run_id) -> None:
+            async for _ in llm.generate(requests[i], sp, f"{run_id}-{i}"):
+                pass
+
+        async def main(design: str = design, sim: GpuSim = sim) -> list[float]:
+            if design == "streaming":
+                lat = await paced_streaming(call, len(requests), rate)
+            else:
+                lat = await paced_batches(call, len(requests), rate, STATIC_BATCH, 0.05)
+            await sim.aclose()
+            return lat
+
+        lat = asyncio.run(main())
+        st = sim.stats()
+        out[design] = Measured(
+            rate, st.mean_running, len(lat), percentile(lat, 0.5) * 1e3, percentile(lat, 0.99) * 1e3
+        )
+    return out
 
 
 def http_client(feed: Feed, server: SimServerProcess) -> Measured:
@@ -452,8 +495,22 @@ def run_section(
             for r in rows
         ],
     )
+    text_row = next(r for r in rows if r.static is not None and r.feed == "text only")
+    assert text_row.static is not None
+    both_rate = 0.7 * text_row.static.rate
+    say(f"   streaming vs batch design at {both_rate:.0f} posts/s (0.7 × the batch design's capacity)…")
+    designs = paced_designs(feeds[0], cfg, both_rate, paced_s * 2)
     report(
-        "2b. latency, post created → verdict, paced at 0.7 × capacity (text only)",
+        f"2b. latency arrival → verdict, both designs at {both_rate:.0f} posts/s (0.7 × what static batches "
+        "of 32 sustain), engine clients only (no Kafka), same simulator",
+        ["design", "posts", "p50 (ms)", "p99 (ms)", "running/step"],
+        [
+            [d, str(m.n), f"{m.p50_ms:.0f}", f"{m.p99_ms:.0f}", f"{m.mean_running:.0f}"]
+            for d, m in designs.items()
+        ],
+    )
+    report(
+        "2c. the worker's latency, post created → verdict published, paced at 0.7 × capacity (text only)",
         ["engine path", "offered (posts/s)", "completed (posts/s)", "p50 (ms)", "p99 (ms)", "running/step"],
         [
             [
@@ -503,5 +560,6 @@ def run_section(
             for r in rows
         ],
         "paced": {p: vars(m) for p, m in paced.items()},
+        "designs_at_batch_load": {d: vars(m) for d, m in designs.items()},
         "sim": vars(cfg),
     }
