@@ -6,8 +6,8 @@ from typing import Any
 
 import structlog
 
-from guard import engines as guard_engines
 from guard.engines import build_engine
+from guard.engines import build_streaming_engine as guard_build_streaming_engine
 from guard.streaming import MicroBatcher
 from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
@@ -45,13 +45,13 @@ def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> Stre
 
 
 def build_streaming_engine(settings: Settings) -> StreamingEngine:
-    # guard.engines.build_streaming_engine (helper A's factory) when it exists; until then the batch
-    # engine behind a MicroBatcher, which is what that factory does for cpu/transformers anyway
-    factory: Any = getattr(guard_engines, "build_streaming_engine", None)
-    if factory is not None:
-        built: StreamingEngine = factory(settings.engine, settings.engine_options())
-        return built
-    return streaming(settings, build_engine(settings.engine, settings.engine_options()))
+    """The configured engine on the per-request seam (``guard.engines.build_streaming_engine``)."""
+    return guard_build_streaming_engine(
+        settings.engine,
+        settings.engine_options(),
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+    )
 
 
 def build_worker(

@@ -146,11 +146,15 @@ class _Outage:
     delay: float = 0.0
 
     def down(self, now: float, error: str) -> None:
+        """A request or fetch failed for want of the dependency (many may in one round: only the first
+        starts the outage; the backoff grows once per retry round, in ``retried``)."""
         if self.since is None:
             self.since, self.delay = now, self.backoff_s
+            self.next_try = now + self.delay
             log.warning(f"{self.name}_unavailable_retrying", error=error[:300], deadline_s=self.deadline_s)
-        else:
-            self.delay = min(self.delay * 2, _MAX_BACKOFF_S)
+
+    def retried(self, now: float) -> None:
+        self.delay = min(self.delay * 2, _MAX_BACKOFF_S)
         self.next_try = now + self.delay
 
     def up(self, now: float) -> None:
@@ -563,9 +567,10 @@ class KafkaWorker:
             held, self._engine_held = self._engine_held, []
             for job in held:  # the engine decides whether it is back: the posts themselves are the probe
                 self._submit(job)
-            self._engine_outage.next_try = now + self._engine_outage.delay
+            self._engine_outage.retried(now)
         if self._media_held and now >= self._media_outage.next_try:
             held_media, self._media_held = self._media_held, []
+            self._media_outage.retried(now)
             live = [(e, r) for e, r in held_media if self.offsets.current((r.topic, r.partition), e)]
             if live:
                 self._dispatch(live)
