@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -31,6 +32,11 @@ from guard.parser import parse_output
 from guard.prompts import PromptSet
 from guard.types import EngineDeadError, ModerationItem, Verdict
 from infra.stack import free_port
+from tests.conftest import BUCKET, Services
+from workers.app import build_worker
+from workers.sample_feed import drawn_image, png_bytes, post
+from workers.settings import Settings
+from workers.topics import produce_all
 
 FAST = SimConfig(time_scale=0.0)  # steps as fast as the loop turns; modelled time still counts
 
@@ -191,3 +197,51 @@ def test_http_server_drives_the_server_engine(prompts: PromptSet) -> None:
         st = srv.stats()
         assert st["completed"] == len(items)
         assert st["visual_tokens"] == 100  # 280×280 / (28×28)
+
+
+def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Settings) -> None:
+    """The streaming worker (workers.app wiring, real broker, S3 and Redis) on the in-process vllm
+    engine over the AsyncLLM stand-in: every post gets exactly one outcome, image posts are fetched and
+    judged, and the worker keeps more than max_num_seqs outstanding, so the simulated GPU runs a full
+    batch with requests waiting — the batch design (32 at a time) could never reach either."""
+    s3 = services.s3_client()
+    keys = []
+    for i in range(4):
+        k = f"sim/{uuid.uuid4().hex}.png"
+        s3.put_object(Bucket=BUCKET, Key=k, Body=png_bytes(drawn_image(i, (448, 448))))
+        keys.append(k)
+    tag = uuid.uuid4().hex[:6]
+    n = 400
+    values = [
+        post(f"{tag}-{i}", "a", f"post {i} {tag} about the weekend", [f"s3://{BUCKET}/{keys[i % 4]}"])
+        if i % 10 < 3
+        else post(f"{tag}-{i}", "a", f"post {i} {tag} about the weekend")
+        for i in range(n)
+    ]
+    produce_all(
+        settings.bootstrap_servers, settings.posts_topic, [(f"k{i}", v) for i, v in enumerate(values)]
+    )
+    made: list[SimAsyncLLM] = []
+
+    def factory(**kw: object) -> SimAsyncLLM:
+        made.append(SimAsyncLLM(GpuSim(replace(SimConfig(), time_scale=0.05)), **kw))
+        return made[-1]
+
+    s = settings.model_copy(update={"engine": "vllm"})
+    engine = build_streaming_engine("vllm", s.engine_options(), vllm_llm_factory=factory)
+    worker = build_worker(s, engine)
+    worker.keep_outcomes = True
+    worker.run(until_drained=True)
+    outs = worker.stats.outcomes
+    assert sorted(o.post_id or "" for o in outs) == sorted(f"{tag}-{i}" for i in range(n))
+    verdicts = [o.verdict for o in outs if o.verdict is not None]
+    # the only dead letters the simulator can cause: an output past max_tokens (truncated, unparseable)
+    assert all(o.dead_letter.error_code == "engine_output_unparseable" for o in outs if o.dead_letter)
+    assert len(verdicts) >= n - 3
+    assert sum(1 for v in verdicts if v.modality.value == "text_image") >= 100
+    assert all(v.scores.p_unsafe is not None for v in verdicts)
+    assert any(v.safe is False and v.subcategory for v in verdicts)
+    st = made[0].sim.stats()
+    assert st.completed == n
+    assert st.max_running == 128
+    assert st.max_waiting > 0  # more than max_num_seqs outstanding: slots refill the step they free
