@@ -96,11 +96,13 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
     port = free_port()
     server = start_metrics_server(port, host="127.0.0.1")
     produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, post("idle-1", "a", "x"))])
-    worker = build_worker(settings, cpu_engine)  # not subscribed: no partitions
+    # not subscribed: no partitions (session_timeout 1 s: past it, an idle member is worth reporting)
+    worker = build_worker(settings.model_copy(update={"session_timeout_ms": 1000}), cpu_engine)
     try:
         worker._update_ready()
         r = httpx.get(f"http://127.0.0.1:{port}/readyz")
         assert r.status_code == 503 and "idle: no partitions assigned" in r.text
+        worker._started -= 2.0  # the group had its chance to assign us partitions
         with capture_logs() as logs:
             worker._update_lag()
         assert metrics.IDLE_WITH_LAG._value.get() == 1

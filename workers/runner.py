@@ -212,6 +212,7 @@ class KafkaWorker:
         self._draining = False  # exactly-once: stop admitting until the transaction is committed
         self._closing = False
         self._last_commit = time.monotonic()
+        self._started = time.monotonic()
         # end offset of each partition as last reported by an end-of-partition event (librdkafka reports
         # an end offset once: it is kept across rebalances, and dropped when records arrive past it)
         self._eof: dict[tuple[str, int], int] = {}
@@ -367,6 +368,7 @@ class KafkaWorker:
         """Run until ``stop()`` (SIGTERM), or until every assigned partition is consumed to its end.
         ``on_batch`` is called after each commit with the outcomes published since the previous one."""
         self.consumer.subscribe([self.s.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._started = time.monotonic()
         self._on_batch = on_batch
         last_progress = time.monotonic()
         last_lag = 0.0
@@ -383,6 +385,9 @@ class KafkaWorker:
                 if self._step():
                     last_progress = time.monotonic()
                 elif until_drained and self._quiet() and self._at_end():
+                    if self._broker_down_since is not None:  # it answered _at_end: say it is back
+                        self._next_probe = 0.0
+                        self._check_broker()
                     break
                 if idle_timeout_s is not None and time.monotonic() - last_progress > idle_timeout_s:
                     log.info("idle_timeout", seconds=idle_timeout_s)
@@ -410,10 +415,13 @@ class KafkaWorker:
             if msgs:
                 progressed |= self._admit(msgs)
         else:
-            self._set_full(True)
+            # an outage lasts: pause at once; a full window or an exactly-once drain: after PAUSE_AFTER_S
+            self._set_full(
+                True, at_once=self._engine_outage.since is not None or self._media_outage.since is not None
+            )
             # wait for a completion; while paused, keep serving the consumer (membership, rebalances)
             progressed |= self._collect_done(0.05) > 0
-            if self._paused or not self._in_engine:
+            if self._paused:
                 msgs = self.consumer.consume(16, 0)
                 if msgs:  # a partition assigned while paused may deliver: take its records anyway
                     progressed |= self._admit(msgs)
@@ -427,7 +435,7 @@ class KafkaWorker:
             or self._media_outage.since is not None
         )
 
-    def _set_full(self, full: bool) -> None:
+    def _set_full(self, full: bool, at_once: bool = False) -> None:
         now = time.monotonic()
         if not full:
             self._full_since = None
@@ -438,7 +446,7 @@ class KafkaWorker:
             return
         if self._full_since is None:
             self._full_since = now
-        elif not self._paused and now - self._full_since > self.s.pause_after_s:
+        if not self._paused and (at_once or now - self._full_since > self.s.pause_after_s):
             parts = self.consumer.assignment()
             self.consumer.pause(parts)
             self._paused = True
@@ -822,7 +830,9 @@ class KafkaWorker:
         try:
             assignment = self.consumer.assignment()
             if not assignment:
-                self._idle_member_lag()
+                # not before the group had a chance to assign us something (a session timeout)
+                if time.monotonic() - self._started > self.s.session_timeout_ms / 1000.0:
+                    self._idle_member_lag()
                 return
             metrics.IDLE_WITH_LAG.set(0)
             positions = self.consumer.position(assignment)
