@@ -730,7 +730,7 @@ class KafkaWorker:
             self.offsets.mark_committed(pending)
             self.stats.commits += 1
             metrics.COMMITS.inc()
-        self._after_commit()
+            self._after_commit()
 
     def _after_commit(self) -> None:
         if self._on_batch is not None and self._since_commit:
