@@ -216,16 +216,21 @@ def test_cache_hits_and_dead_letters_do_not_wait_behind_the_engine(settings: Set
 
 
 @pytest.mark.integration
-def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(settings: Settings) -> None:
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(settings: Settings, mode: str) -> None:
     s = settings.model_copy(
-        update={"revoke_timeout_s": 0.5, "cache_enabled": False, "commit_interval_ms": 100}
+        update={"revoke_timeout_s": 0.5, "cache_enabled": False, "commit_interval_ms": 100, "delivery": mode}
     )
     ids = feed(s, 90, "rv")
     stuck = FakeStreamingEngine(hold=lambda _pid: True, max_in_flight=128)
     stuck.enter_at = 30
     revoked = threading.Event()
-    first = build_worker(s, stuck, on_event=lambda name, _d: revoked.set() if name == "revoked" else None)
-    second = build_worker(s, FakeStreamingEngine())
+    first = build_worker(
+        s.model_copy(update={"transactional_id": f"{s.group_id}-1"}),
+        stuck,
+        on_event=lambda name, _d: revoked.set() if name == "revoked" else None,
+    )
+    second = build_worker(s.model_copy(update={"transactional_id": f"{s.group_id}-2"}), FakeStreamingEngine())
     errors: list[BaseException] = []
     t1 = run_in_thread(first, errors, until_drained=True)
     assert stuck.entered.wait(60), "requests never reached the engine"
@@ -239,8 +244,9 @@ def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(settings: Se
     counts = Counter(v["post_id"] for v in outputs(s))
     lost, duplicated = set(ids) - set(counts), sum(c - 1 for c in counts.values())
     print(
-        f"revoke-in-flight: posts={len(ids)} dropped_at_revoke={dropped} first={first.stats.consumed} "
-        f"second={second.stats.consumed} lost={len(lost)} duplicated={duplicated}"
+        f"revoke-in-flight[{mode}]: posts={len(ids)} dropped_at_revoke={dropped} "
+        f"first={first.stats.consumed} second={second.stats.consumed} "
+        f"lost={len(lost)} duplicated={duplicated}"
     )
     assert dropped > 0, "the revoke did not drop the requests still in the engine"
     assert not lost and duplicated == 0

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
-    pause_after_s: float = Field(1.0, gt=0)  # unused by the streaming worker (kept: old configs still load)
+    pause_after_s: float = Field(1.0, gt=0)  # window full this long: pause partitions (backpressure)
 
     # Streaming window and offsets
     # engine requests outstanding at once; None: the engine's own ``max_in_flight`` (vLLM: 2x max_num_seqs)
