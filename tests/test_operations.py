@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from confluent_kafka import TopicPartition
 
 from guard.cpu import CpuEngine
 from infra.stack import free_port
@@ -110,3 +112,32 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
     finally:
         worker.close()
         server.shutdown()
+
+
+@pytest.mark.integration
+def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
+    settings: Settings, cpu_engine: CpuEngine
+) -> None:
+    """Right after an assignment the position is unknown; the lag then comes from the committed offset
+    (it used to count the whole partition as lag)."""
+    from workers import metrics
+
+    produce_all(
+        settings.bootstrap_servers,
+        settings.posts_topic,
+        [(f"k{i}", post(f"lag-{i}", "a", "x")) for i in range(9)],
+    )
+    build_worker(settings, cpu_engine).run(until_drained=True)  # everything consumed and committed
+    lags: list[float] = []
+    worker: list[Any] = []
+
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        if name == "assigned" and not lags:  # nothing fetched yet: every position is unknown
+            worker[0]._update_lag([TopicPartition(t, p) for t, p in details["partitions"]])
+            lags.extend(
+                metrics.CONSUMER_LAG.labels(settings.posts_topic, str(p))._value.get() for p in range(3)
+            )
+
+    worker.append(build_worker(settings, cpu_engine, on_event=on_event))
+    worker[0].run(until_drained=True)
+    assert lags == [0.0, 0.0, 0.0]

@@ -175,8 +175,8 @@ class KafkaWorker:
         *,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
-        """``on_event(name, details)`` is told about "paused", "revoking", "revoked" and "broker_down" (a
-        seam for tests and embedding; called on the main thread)."""
+        """``on_event(name, details)`` is told about "assigned", "paused", "revoking", "revoked" and
+        "broker_down" (a seam for tests and embedding; called on the main thread)."""
         self.s = settings
         self.moderator = moderator
         self.engine = engine
@@ -302,6 +302,7 @@ class KafkaWorker:
             c.resume(parts)
         self._update_ready()
         log.info("partitions_assigned", partitions=sorted(p.partition for p in parts))
+        self._event("assigned", partitions={(p.topic, p.partition) for p in parts})
 
     def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in parts}
@@ -824,11 +825,11 @@ class KafkaWorker:
             del self._eof[(topic, partition)]
         return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, parts: list[TopicPartition] | None = None) -> None:
         """Consumer lag per owned partition (end offset minus position; the committed offset where the
         position is unknown) for autoscaling; and a member that owns nothing while the topic has lag."""
         try:
-            assignment = self.consumer.assignment()
+            assignment = self.consumer.assignment() if parts is None else parts
             if not assignment:
                 # not before the group had a chance to assign us something (a session timeout)
                 if time.monotonic() - self._started > self.s.session_timeout_ms / 1000.0:
