@@ -547,3 +547,25 @@ def test_an_output_over_the_message_size_is_re_sent_trimmed(settings: Settings) 
     assert len(base64.b64decode(dl["original_value_b64"])) < len(raw)
     assert [json.loads(v)["post_id"] for v in read_topic(s.bootstrap_servers, s.verdicts_topic)] == ["after"]
     assert committed(s)[0] == 2
+
+
+@pytest.mark.integration
+def test_stop_with_a_hung_engine_returns_within_the_shutdown_timeout(settings: Settings) -> None:
+    """SIGTERM (``stop``) while every request hangs: the worker waits SHUTDOWN_TIMEOUT_S, commits nothing
+    past the unanswered posts, and returns (they are re-delivered to the next worker)."""
+    s = one_partition(settings, shutdown_timeout_s=1.0)
+    produce_all(s.bootstrap_servers, s.posts_topic, [(None, post(f"h{i}", "a", f"t {i}")) for i in range(5)])
+    engine = FakeStreamingEngine(hang=lambda _pid: True)
+    engine.enter_at = 5
+    worker = build_worker(s, engine)
+    errors: list[BaseException] = []
+    t = run_in_thread(worker, errors)
+    assert engine.entered.wait(60), "the posts never reached the engine"
+    stopped = time.monotonic()
+    worker.stop()
+    t.join(30)
+    took = time.monotonic() - stopped
+    print(f"stop-with-hung-engine: returned after {took:.1f}s (shutdown timeout 1s)")
+    assert not t.is_alive() and not errors, errors
+    assert took < 15
+    assert committed(s)[0] <= 0 and not outputs(s)
