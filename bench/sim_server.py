@@ -19,10 +19,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, replace
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
 from aiohttp import web
@@ -167,12 +169,15 @@ class SimServerProcess:
         self.port = port
         self.config = config or SimConfig()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 30.0) -> SimServerProcess:
+        # stderr to a file, not a pipe nobody reads while it runs (a full pipe would block the server)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process; closed in stop()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -184,13 +189,15 @@ class SimServerProcess:
                 json.dumps(asdict(self.config)),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.log,
             env=os.environ.copy(),
+            cwd=Path(__file__).resolve().parents[1],  # `-m bench.sim_server` resolves from the repo root
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self.log.seek(0)
+                err = self.log.read().decode(errors="replace")
                 raise RuntimeError(f"sim server exited with {self.proc.returncode}: {err[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
@@ -217,6 +224,9 @@ class SimServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def __enter__(self) -> SimServerProcess:
         return self.start()
