@@ -1,10 +1,12 @@
 """ProGuard behind ``vllm serve`` (OpenAI-compatible chat completions), for GPU pools kept apart from
 the workers. Same prompts and messages as ProGuard's deploy/inference.py; images go as data URLs.
 
-``AsyncServerEngine`` (the worker's streaming engine) sends one request per prompt on an
-``httpx.AsyncClient``, at most ``max_concurrency`` at once (default 256 = 2 × the server's default
-``max_num_seqs`` 128, so the server's waiting queue refills its running batch the step a sequence
-finishes). ``ServerEngine`` is the batch ``GuardEngine`` kept for replay and the bench's batch baseline.
+``AsyncServerEngine`` (the worker's streaming engine) sends one request per prompt, at most
+``max_concurrency`` at once (default 256 = 2 × the server's default ``max_num_seqs`` 128, so the
+server's waiting queue refills its running batch the step a sequence finishes), over a sharded pool:
+ceil(max_concurrency / 16) ``httpx.AsyncClient``s of at most 16 connections each, each request on the
+least-loaded one (why: see ``CONNECTIONS_PER_CLIENT``). ``ServerEngine`` is the batch ``GuardEngine``
+kept for replay and the bench's batch baseline.
 
 Failures, per request: 5xx/408/409/429 and timeouts are retried with jittered exponential backoff up to
 ``max_attempts``, then ``EngineRequestError`` (that post fails). A server that cannot be reached
@@ -24,6 +26,7 @@ not override them; ``vllm/entrypoints/openai/serving_chat.py``) stay in force.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,15 @@ from guard.types import EngineDeadError, EngineError, EngineRequestError, Modera
 from schemas.events import Modality
 
 log = structlog.get_logger(__name__)
+
+# Connections per httpx.AsyncClient. httpcore's pool scans all of its connections and queued requests on
+# every request event (httpcore/_async/connection_pool.py: _assign_requests_to_connections, is_idle), so
+# one client's CPU per request grows with its pool: `python -m bench.http_clients` (256 outstanding
+# against the sim server, 2-core dev VM) measured one client with a 256-connection pool at ~13 ms CPU per
+# request and 72 req/s (the engine then kept ~30 of 128 sequences running, 0.4-0.5x of capacity), and 16
+# clients of 16 connections at 1.2 ms and 404 req/s. Small pools keep that scan short; more, smaller
+# clients would only add per-client overhead.
+CONNECTIONS_PER_CLIENT = 16
 
 
 @dataclass(frozen=True)
@@ -120,8 +132,16 @@ class AsyncServerEngine:
         self.max_in_flight = c.max_in_flight or c.max_concurrency
         self._headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key else {}
         self._auth = None if c.api_key else basic
+        # Shards: n clients of per_client connections, n * per_client >= max_concurrency. A request goes to
+        # the client with the fewest requests in flight; since at most max_concurrency - 1 others are in
+        # flight when one picks, that client has fewer than per_client, so no request ever queues inside
+        # an httpcore pool while another shard has a free connection (round-robin could pile up on one
+        # shard: completions come back in any order).
+        self.http_clients = math.ceil(c.max_concurrency / CONNECTIONS_PER_CLIENT)
+        self.connections_per_client = math.ceil(c.max_concurrency / self.http_clients)
         # made on first use, inside the event loop that awaits judge (httpx's pool is loop-bound)
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._load: list[int] = []  # requests in flight per client
         self._slots = asyncio.Semaphore(c.max_concurrency)
         self._failing_since: float | None = None  # first failure since the last success
         self._closed = False
@@ -129,19 +149,35 @@ class AsyncServerEngine:
     def request_body(self, item: ModerationItem) -> dict[str, Any]:
         return request_body(self.config, self.prompts, item)
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _shards(self) -> list[httpx.AsyncClient]:
+        if self._closed:  # aclose() dropped the clients; never open new ones behind its back
+            raise EngineDeadError("server engine closed while a request was in flight")
+        if not self._clients:
             c = self.config
-            self._client = httpx.AsyncClient(
-                base_url=self._url.rstrip("/"),
-                headers=self._headers,
-                auth=self._auth,
-                timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
-                limits=httpx.Limits(
-                    max_connections=c.max_concurrency, max_keepalive_connections=c.max_concurrency
-                ),
-            )
-        return self._client
+            k = self.connections_per_client
+            self._clients = [
+                httpx.AsyncClient(
+                    base_url=self._url.rstrip("/"),
+                    headers=self._headers,
+                    auth=self._auth,
+                    timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
+                    limits=httpx.Limits(max_connections=k, max_keepalive_connections=k),
+                )
+                for _ in range(self.http_clients)
+            ]
+            self._load = [0] * self.http_clients
+        return self._clients
+
+    async def _send(self, body: dict[str, Any]) -> httpx.Response:
+        """One attempt, on the least-loaded client (a linear scan of ~16 ints: microseconds)."""
+        clients = self._shards()
+        load = self._load
+        i = load.index(min(load))
+        load[i] += 1
+        try:
+            return await clients[i].post("/chat/completions", json=body)
+        finally:
+            load[i] -= 1
 
     async def judge(self, item: ModerationItem) -> Verdict:
         if self._closed:
@@ -175,7 +211,7 @@ class AsyncServerEngine:
             unreachable = False
             try:
                 async with asyncio.timeout(c.timeout_s):
-                    resp = await self._http().post("/chat/completions", json=body)
+                    resp = await self._send(body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 unreachable, last = True, f"{type(exc).__name__}: {exc}"
             except (httpx.TransportError, TimeoutError) as exc:
@@ -230,8 +266,12 @@ class AsyncServerEngine:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
+        clients, self._clients = self._clients, []
+        # every shard, even if closing one fails (return_exceptions); the first failure is raised after
+        results = await asyncio.gather(*(cl.aclose() for cl in clients), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -240,6 +280,8 @@ class AsyncServerEngine:
             "server": self.display_url,
             "model": c.model,
             "max_concurrency": c.max_concurrency,
+            "http_clients": self.http_clients,
+            "connections_per_client": self.connections_per_client,
             "max_in_flight": self.max_in_flight,
             "timeout_s": c.timeout_s,
             "dead_after_s": c.dead_after_s,

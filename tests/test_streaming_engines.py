@@ -1,7 +1,7 @@
 """The per-request engine seam: ``AsyncVllmEngine`` on a recording ``AsyncLLM`` stand-in (exact arguments,
 out-of-order completion, abort, dead-engine mapping), ``AsyncServerEngine`` over real HTTP against
-tests/chat_server.py (concurrency limit, retries, dead server, credentials), ``MicroBatcher`` and the
-``build_streaming_engine`` factory. No GPU, no vLLM."""
+tests/chat_server.py (concurrency limit across a sharded pool, retries, dead server, credentials),
+``MicroBatcher`` and the ``build_streaming_engine`` factory. No GPU, no vLLM."""
 
 from __future__ import annotations
 
@@ -395,6 +395,54 @@ def test_server_engine_bounds_concurrency_and_completes_out_of_order(
     # nothing that would override the server's generation_config defaults besides our four
     assert set(body) == {"model", "messages", "max_tokens", "temperature", "logprobs", "top_logprobs", "seed"}
     assert (body["temperature"], body["max_tokens"], body["top_logprobs"], body["seed"]) == (0.0, 1024, 5, 0)
+
+
+def test_server_engine_shards_its_pool_and_fills_every_shard_without_overfilling_one(
+    server: ChatServer, prompts: PromptSet
+) -> None:
+    """40 slots over ceil(40/16) = 3 clients of 14 connections. Every third request long, so that
+    completions come back out of order (round-robin would pile a 15th request on a busy shard); the
+    least-loaded choice never asks a client for more than its pool, and the server sees exactly 40."""
+    server.delay = lambda body: 0.6 if "long" in body["messages"][1]["content"][-1]["text"] else 0.05
+    eng = server_engine(prompts, server.url, max_concurrency=40)
+    assert (eng.http_clients, eng.connections_per_client) == (3, 14)
+    assert eng.describe()["http_clients"] == 3
+    now: dict[int, int] = {}
+    peak: dict[int, int] = {}
+
+    def counted(i: int, post: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(*a: Any, **kw: Any) -> Any:
+            now[i] = now.get(i, 0) + 1
+            peak[i] = max(peak.get(i, 0), now[i])
+            try:
+                return await post(*a, **kw)
+            finally:
+                now[i] -= 1
+
+        return wrapped
+
+    async def main() -> tuple[list[Verdict], list[Any]]:
+        shards = eng._shards()
+        for i, cl in enumerate(shards):
+            cl.post = counted(i, cl.post)  # type: ignore[method-assign]
+        texts = [("long " if i % 3 == 0 else "") + f"post {i}" for i in range(160)]
+        out = await asyncio.gather(*(eng.judge(ModerationItem(str(i), t)) for i, t in enumerate(texts)))
+        await eng.aclose()
+        return out, shards
+
+    out, shards = run(main())
+    assert len(out) == 160 and all(v.safe is True for v in out)
+    assert server.max_in_flight == 40, "the limit is reached and never exceeded across shards"
+    assert sorted(peak) == [0, 1, 2] and max(peak.values()) <= 14, peak
+    assert sum(peak.values()) >= 40
+    assert all(cl.is_closed for cl in shards), "aclose closes every shard"
+    with pytest.raises(EngineDeadError):
+        run(eng.judge(ModerationItem("late", "after close")))
+    # the defaults: 256 slots on 16 clients of 16 connections; 1 slot on one client of 1
+    default = server_engine(prompts, server.url)
+    assert (default.http_clients, default.connections_per_client) == (16, 16)
+    one = server_engine(prompts, server.url, max_concurrency=1)
+    assert (one.http_clients, one.connections_per_client) == (1, 1)
 
 
 def test_server_engine_default_concurrency_is_twice_max_num_seqs(server: ChatServer) -> None:
