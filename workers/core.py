@@ -195,6 +195,11 @@ class Moderator:
 
     # ---------------------------------------------------------------- infer
     def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
+        """The batch path (replay, offline tools): an S3 outage fails the call instead of becoming dead
+        letters (the streaming worker holds such records and retries them)."""
+        down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
+        if down is not None:
+            raise MediaUnavailable(down)
         self.moderate(prepared)
         return self.finish(prepared)
 

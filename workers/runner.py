@@ -21,8 +21,9 @@ Rebalances: on revoke the worker waits up to ``REVOKE_TIMEOUT_S`` for the revoke
 publishes what finished, commits their watermarks, and drops the rest uncommitted (cancelled in the
 engine; a completion arriving later carries a stale assignment epoch and is ignored).
 
-Exactly-once: outputs are produced inside a transaction; at each commit interval the worker stops
-admitting, drains its in-flight requests, and commits the transaction with the consumed offsets.
+Exactly-once: a commit interval's outputs are kept in memory; at its end the worker stops admitting,
+drains its in-flight requests, and produces them in one short transaction with the consumed offsets (a
+transaction held open for the whole interval is what a kill -9 would nearly always interrupt).
 
 Outages are not dead letters: a dead engine (``EngineDeadError``) or an unavailable S3
 (``MediaUnavailable``) stops admission, keeps the affected records uncommitted, retries them with
@@ -195,7 +196,9 @@ class KafkaWorker:
         if self.transactional:
             # fences any zombie with the same id and aborts its open transaction
             self.producer.init_transactions(settings.produce_timeout_s)
-        self._txn_open = False
+        # exactly-once: outputs of the current interval, produced only inside the short transaction at
+        # its end (a transaction open for the whole interval would be what a kill -9 nearly always hits)
+        self._txn_buffer: list[tuple[Job, Output]] = []
         self._engine = EngineLoop(engine, settings)
         self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._in_engine: set[Job] = set()
@@ -593,16 +596,16 @@ class KafkaWorker:
     # ------------------------------------------------------------ publish
     def _publish_jobs(self, jobs: list[Job]) -> None:
         outcomes = self.moderator.finish([j.prepared for j in jobs])
-        if self.transactional:
-            self._begin_transaction()
         for job, o in zip(jobs, outcomes, strict=True):
             job.outcome = o
             job.remaining = len(o.outputs)
+            if self.transactional:
+                # produced with the offsets in the interval's transaction: both visible, or neither
+                self._txn_buffer.extend((job, out) for out in o.outputs)
+                self.offsets.complete(job.tp, job.epoch, o.record.offset)
+                continue
             for out in o.outputs:
                 self._produce(job, out)
-            if self.transactional:
-                # inside the transaction: committed atomically with the offsets, or not at all
-                self.offsets.complete(job.tp, job.epoch, o.record.offset)
         st = self.stats
         st.batches += 1
         st.consumed += len(outcomes)
@@ -687,7 +690,7 @@ class KafkaWorker:
         if not self.transactional:
             self._commit_now()
             return
-        if not self._txn_open:
+        if not self._txn_buffer and not self.offsets.pending_commits():
             self._last_commit = time.monotonic()
             return
         # exactly-once: stop admitting, let in-flight requests finish, then commit the transaction
@@ -697,7 +700,7 @@ class KafkaWorker:
 
     def _commit_now(self) -> None:
         if self.transactional:
-            if self._txn_open and not self._in_engine:
+            if not self._in_engine:
                 self._commit_transaction()
         else:
             self._commit()
@@ -738,19 +741,18 @@ class KafkaWorker:
             done, self._since_commit = self._since_commit, []
             self._on_batch(done)
 
-    def _begin_transaction(self) -> None:
-        if not self._txn_open:
-            self.producer.begin_transaction()
-            self._txn_open = True
-
     def _commit_transaction(self) -> None:
         """Outputs and the consumed offsets in one transaction: all become visible to read_committed
         readers together, or none do (a crash leaves the transaction to be aborted on restart)."""
-        if not self._txn_open:
+        pending = self.offsets.pending_commits()
+        if not pending and not self._txn_buffer:
             self._draining = False
             return
-        pending = self.offsets.pending_commits()
+        batch, self._txn_buffer = self._txn_buffer, []
         try:
+            self.producer.begin_transaction()
+            for job, out in batch:
+                self._produce(job, out)
             if pending:
                 self.producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, off) for (t, p), off in pending.items()],
@@ -762,9 +764,7 @@ class KafkaWorker:
             err = exc.args[0] if exc.args else None
             if err is not None and getattr(err, "txn_requires_abort", lambda: False)():
                 self.producer.abort_transaction(self.s.produce_timeout_s)
-            self._txn_open = False
             raise PublishError(f"transaction failed, nothing committed: {exc}") from exc
-        self._txn_open = False
         self._draining = False
         self._raise_delivery_failures()
         self.offsets.mark_committed(pending)
@@ -774,9 +774,8 @@ class KafkaWorker:
         self._after_commit()
 
     def _abort_transaction(self) -> None:
-        if self._txn_open:
-            self.producer.abort_transaction(self.s.produce_timeout_s)
-            self._txn_open = False
+        """Nothing of the interval was produced yet: dropping the buffer is the abort."""
+        self._txn_buffer.clear()
         self._draining = False
         self._since_commit.clear()
 
