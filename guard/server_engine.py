@@ -1,14 +1,32 @@
 """ProGuard behind ``vllm serve`` (OpenAI-compatible chat completions), for GPU pools kept apart from
 the workers. Same prompts and messages as ProGuard's deploy/inference.py; images go as data URLs.
 
-A micro-batch is sent as concurrent requests (at most ``max_concurrency`` in flight); vLLM's continuous
-batching on the server turns them into GPU batches. Transient failures (connection errors, 429, 5xx)
-are retried with jittered exponential backoff; a request that still fails fails the batch with an
-``EngineError`` and the worker retries/bisects it.
+``AsyncServerEngine`` (the worker's streaming engine) sends one request per prompt, at most
+``max_concurrency`` at once (default 256 = 2 × the server's default ``max_num_seqs`` 128, so the
+server's waiting queue refills its running batch the step a sequence finishes), over a sharded pool:
+ceil(max_concurrency / 16) ``httpx.AsyncClient``s of at most 16 connections each, each request on the
+least-loaded one (why: see ``CONNECTIONS_PER_CLIENT``). ``ServerEngine`` is the batch ``GuardEngine``
+kept for replay and the bench's batch baseline.
+
+Failures, per request: 5xx/408/409/429 and timeouts are retried with jittered exponential backoff up to
+``max_attempts``, then ``EngineRequestError`` (that post fails). A server that cannot be reached
+(connection refused, connect timeout) is retried until it has been failing for ``dead_after_s``, then
+``EngineDeadError``: the engine is gone, no post is to blame. The same holds when every request has been
+failing (no success at all) for ``dead_after_s`` when a request runs out of attempts.
+
+Credentials: ``api_key`` goes as ``Authorization: Bearer``; userinfo in ``base_url``
+(``https://user:pass@host/v1``) is stripped from the URL and sent as HTTP basic auth. Neither ever
+appears in ``model_version``, logs or error messages (they name ``display_url``: no userinfo, no query).
+
+Sampling: only temperature, max_tokens, logprobs/top_logprobs and seed are sent, so the server's own
+defaults from the checkpoint's generation_config (``vllm serve`` applies them to every request that does
+not override them; ``vllm/entrypoints/openai/serving_chat.py``) stay in force.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +34,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import structlog
 
 from guard.chat import combine, expand, openai_messages, p_unsafe_from_logprobs
 from guard.parser import parse_output
 from guard.prompts import PromptSet
-from guard.types import EngineError, ModerationItem, Verdict
+from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
 from schemas.events import Modality
+
+log = structlog.get_logger(__name__)
+
+# Connections per httpx.AsyncClient. httpcore's pool scans all of its connections and queued requests on
+# every request event (httpcore/_async/connection_pool.py: _assign_requests_to_connections, is_idle), so
+# one client's CPU per request grows with its pool: `python -m bench.http_clients` (256 outstanding
+# against the sim server, 2-core dev VM) measured one client with a 256-connection pool at ~13 ms CPU per
+# request and 72 req/s (the engine then kept ~30 of 128 sequences running, 0.4-0.5x of capacity), and 16
+# clients of 16 connections at 1.2 ms and 404 req/s. Small pools keep that scan short; more, smaller
+# clients would only add per-client overhead.
+CONNECTIONS_PER_CLIENT = 16
 
 
 @dataclass(frozen=True)
@@ -29,16 +59,238 @@ class ServerConfig:
     base_url: str = "http://127.0.0.1:8003/v1"
     model: str = "ProGuard-7B"
     api_key: str | None = None
-    max_concurrency: int = 64
-    timeout_s: float = 120.0
+    max_concurrency: int = 256  # requests in flight to the server (2 × its max_num_seqs)
+    max_in_flight: int | None = None  # posts the worker keeps outstanding; None: max_concurrency
+    timeout_s: float = 120.0  # one request, end to end
+    connect_timeout_s: float = 5.0
     max_attempts: int = 3
     backoff_base_s: float = 0.2
+    backoff_max_s: float = 5.0
+    dead_after_s: float = 15.0  # failing (unreachable, or no success at all) this long: engine dead
     temperature: float = 0.0
     max_tokens: int = 1024
     top_logprobs: int = 5
+    seed: int = 0
+
+
+def split_credentials(base_url: str) -> tuple[str, str, httpx.BasicAuth | None]:
+    """``base_url`` → (URL without userinfo, the same without query for display, basic auth or None)."""
+    url = httpx.URL(base_url)
+    auth = httpx.BasicAuth(url.username, url.password) if url.userinfo else None
+    clean = url.copy_with(userinfo=b"")
+    return str(clean), str(clean.copy_with(query=None)), auth
+
+
+def request_body(config: ServerConfig, prompts: PromptSet, item: ModerationItem) -> dict[str, Any]:
+    c = config
+    return {
+        "model": c.model,
+        "messages": openai_messages(prompts, item),
+        "max_tokens": c.max_tokens,
+        "temperature": c.temperature,
+        "logprobs": c.top_logprobs > 0,
+        "top_logprobs": c.top_logprobs,
+        "seed": c.seed,
+    }
+
+
+def verdict_from_response(prompts: PromptSet, item: ModerationItem, data: dict[str, Any]) -> Verdict:
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError) as exc:
+        raise EngineRequestError(f"malformed chat completion response: {exc!r}") from None
+    v = parse_output(text, prompts.taxonomy, image_only=item.modality is Modality.IMAGE)
+    content = (choice.get("logprobs") or {}).get("content") or []
+    tokens = [str(t.get("token", "")) for t in content]
+    tops = [
+        {str(x.get("token", "")): float(x.get("logprob", -1e9)) for x in t.get("top_logprobs") or []}
+        for t in content
+    ]
+    v.p_unsafe = p_unsafe_from_logprobs(tokens, tops)
+    return v
+
+
+def _retryable_status(code: int) -> bool:
+    return code in (408, 409, 429) or code >= 500
+
+
+class AsyncServerEngine:
+    """``StreamingEngine`` on a vLLM OpenAI-compatible server: one chat completion per prompt."""
+
+    name = "proguard-vllm-server"
+
+    def __init__(self, prompts: PromptSet, config: ServerConfig | None = None) -> None:
+        self.config = c = config or ServerConfig()
+        if c.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1 (VLLM_SERVER_CONCURRENCY)")
+        self.prompts = prompts
+        self.taxonomy = prompts.taxonomy
+        self.policy_version = prompts.policy_version
+        self._url, self.display_url, basic = split_credentials(c.base_url)
+        self.model_version = f"{c.model}@{self.display_url}"
+        self.max_in_flight = c.max_in_flight or c.max_concurrency
+        self._headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key else {}
+        self._auth = None if c.api_key else basic
+        # Shards: n clients of per_client connections, n * per_client >= max_concurrency. A request goes to
+        # the client with the fewest requests in flight; since at most max_concurrency - 1 others are in
+        # flight when one picks, that client has fewer than per_client, so no request ever queues inside
+        # an httpcore pool while another shard has a free connection (round-robin could pile up on one
+        # shard: completions come back in any order).
+        self.http_clients = math.ceil(c.max_concurrency / CONNECTIONS_PER_CLIENT)
+        self.connections_per_client = math.ceil(c.max_concurrency / self.http_clients)
+        # made on first use, inside the event loop that awaits judge (httpx's pool is loop-bound)
+        self._clients: list[httpx.AsyncClient] = []
+        self._load: list[int] = []  # requests in flight per client
+        self._slots = asyncio.Semaphore(c.max_concurrency)
+        self._failing_since: float | None = None  # first failure since the last success
+        self._closed = False
+
+    def request_body(self, item: ModerationItem) -> dict[str, Any]:
+        return request_body(self.config, self.prompts, item)
+
+    def _shards(self) -> list[httpx.AsyncClient]:
+        if self._closed:  # aclose() dropped the clients; never open new ones behind its back
+            raise EngineDeadError("server engine closed while a request was in flight")
+        if not self._clients:
+            c = self.config
+            k = self.connections_per_client
+            self._clients = [
+                httpx.AsyncClient(
+                    base_url=self._url.rstrip("/"),
+                    headers=self._headers,
+                    auth=self._auth,
+                    timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
+                    limits=httpx.Limits(max_connections=k, max_keepalive_connections=k),
+                )
+                for _ in range(self.http_clients)
+            ]
+            self._load = [0] * self.http_clients
+        return self._clients
+
+    async def _send(self, body: dict[str, Any]) -> httpx.Response:
+        """One attempt, on the least-loaded client (a linear scan of ~16 ints: microseconds)."""
+        clients = self._shards()
+        load = self._load
+        i = load.index(min(load))
+        load[i] += 1
+        try:
+            return await clients[i].post("/chat/completions", json=body)
+        finally:
+            load[i] -= 1
+
+    async def judge(self, item: ModerationItem) -> Verdict:
+        if self._closed:
+            raise EngineDeadError("server engine is closed")
+        parts = expand([item])
+        if len(parts) == 1:
+            return await self._one(parts[0][1])
+        tasks = [asyncio.ensure_future(self._one(it)) for _, it in parts]
+        try:
+            verdicts = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return combine(verdicts)
+
+    async def _one(self, item: ModerationItem) -> Verdict:
+        body = self.request_body(item)
+        async with self._slots:
+            data = await self._post(body)
+        return verdict_from_response(self.prompts, item, data)
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        c = self.config
+        attempts = 0
+        waits = 0
+        while True:
+            if self._closed:
+                raise EngineDeadError("server engine closed while a request was in flight")
+            unreachable = False
+            try:
+                async with asyncio.timeout(c.timeout_s):
+                    resp = await self._send(body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                unreachable, last = True, f"{type(exc).__name__}: {exc}"
+            except (httpx.TransportError, TimeoutError) as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if resp.status_code == 200:
+                    self._failing_since = None
+                    try:
+                        data: dict[str, Any] = resp.json()
+                    except ValueError as exc:
+                        raise EngineRequestError(f"chat completion is not JSON: {exc}") from None
+                    return data
+                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                if not _retryable_status(resp.status_code):
+                    self._failing_since = None  # it answered: the server is up, this request is bad
+                    raise EngineRequestError(f"chat completion rejected: {last}")
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+                # once per outage, not once per retry of each of up to max_concurrency requests
+                log.warning("vllm server failing", server=self.display_url, error=last[:200])
+            failing_for = now - self._failing_since
+            if self._closed:
+                raise EngineDeadError("server engine closed while a request was in flight")
+            if unreachable:
+                # not the post's fault: keep trying until the grace is spent, then the engine is dead
+                if failing_for >= c.dead_after_s:
+                    raise EngineDeadError(
+                        f"vLLM server {self.display_url} unreachable for {failing_for:.1f}s "
+                        f"(VLLM_SERVER_URL; is `vllm serve` up?): {last}"
+                    )
+            else:
+                attempts += 1
+                if attempts >= c.max_attempts:
+                    if failing_for >= c.dead_after_s:
+                        raise EngineDeadError(
+                            f"vLLM server {self.display_url} has failed every request for "
+                            f"{failing_for:.1f}s: {last}"
+                        )
+                    raise EngineRequestError(f"chat completion failed after {attempts} attempt(s): {last}")
+            delay = min(c.backoff_max_s, c.backoff_base_s * (2**waits)) * (0.5 + random.random())
+            waits += 1
+            log.debug(
+                "chat completion retry",
+                server=self.display_url,
+                error=last[:200],
+                unreachable=unreachable,
+                attempt=attempts,
+                delay_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        clients, self._clients = self._clients, []
+        # every shard, even if closing one fails (return_exceptions); the first failure is raised after
+        results = await asyncio.gather(*(cl.aclose() for cl in clients), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "engine": self.name,
+            "server": self.display_url,
+            "model": c.model,
+            "max_concurrency": c.max_concurrency,
+            "http_clients": self.http_clients,
+            "connections_per_client": self.connections_per_client,
+            "max_in_flight": self.max_in_flight,
+            "timeout_s": c.timeout_s,
+            "dead_after_s": c.dead_after_s,
+        }
 
 
 class ServerEngine:
+    """Batch ``GuardEngine``: a micro-batch fanned out as concurrent requests (the pre-streaming path)."""
+
     name = "proguard-vllm-server"
 
     def __init__(self, prompts: PromptSet, config: ServerConfig | None = None) -> None:
@@ -46,12 +298,14 @@ class ServerEngine:
         self.prompts = prompts
         self.taxonomy = prompts.taxonomy
         self.policy_version = prompts.policy_version
-        self.model_version = f"{c.model}@{c.base_url}"
+        url, self.display_url, basic = split_credentials(c.base_url)
+        self.model_version = f"{c.model}@{self.display_url}"
         headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key else {}
         self._http = httpx.Client(
-            base_url=c.base_url.rstrip("/"),
+            base_url=url.rstrip("/"),
             timeout=c.timeout_s,
             headers=headers,
+            auth=None if c.api_key else basic,
             limits=httpx.Limits(
                 max_connections=c.max_concurrency, max_keepalive_connections=c.max_concurrency
             ),
@@ -59,15 +313,7 @@ class ServerEngine:
         self._pool = ThreadPoolExecutor(max_workers=c.max_concurrency, thread_name_prefix="chat")
 
     def request_body(self, item: ModerationItem) -> dict[str, Any]:
-        c = self.config
-        return {
-            "model": c.model,
-            "messages": openai_messages(self.prompts, item),
-            "max_tokens": c.max_tokens,
-            "temperature": c.temperature,
-            "logprobs": c.top_logprobs > 0,
-            "top_logprobs": c.top_logprobs,
-        }
+        return request_body(self.config, self.prompts, item)
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -79,7 +325,7 @@ class ServerEngine:
                     data: dict[str, Any] = resp.json()
                     return data
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
+                if not _retryable_status(resp.status_code):
                     break  # a 4xx will not improve with retries
             except (httpx.TransportError, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -92,24 +338,8 @@ class ServerEngine:
         futures = [self._pool.submit(self._post, self.request_body(it)) for _, it in expanded]
         parts: list[list[Verdict]] = [[] for _ in batch]
         for (i, it), fut in zip(expanded, futures, strict=True):
-            parts[i].append(self._verdict(it, fut.result()))
+            parts[i].append(verdict_from_response(self.prompts, it, fut.result()))
         return [combine(p) for p in parts]
-
-    def _verdict(self, item: ModerationItem, data: dict[str, Any]) -> Verdict:
-        try:
-            choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as exc:
-            raise EngineError(f"malformed chat completion response: {exc!r}") from None
-        v = parse_output(text, self.taxonomy, image_only=item.modality is Modality.IMAGE)
-        content = (choice.get("logprobs") or {}).get("content") or []
-        tokens = [str(t.get("token", "")) for t in content]
-        tops = [
-            {str(x.get("token", "")): float(x.get("logprob", -1e9)) for x in t.get("top_logprobs") or []}
-            for t in content
-        ]
-        v.p_unsafe = p_unsafe_from_logprobs(tokens, tops)
-        return v
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -30,7 +30,9 @@ class MicroBatcher:
         max_concurrent_batches: int = 1,
     ) -> None:
         if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
+            raise ValueError("max_batch_size must be >= 1 (MAX_BATCH_SIZE)")
+        if max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be >= 1")
         self.engine = engine
         self.name = engine.name
         self.model_version = engine.model_version
@@ -42,7 +44,7 @@ class MicroBatcher:
         self.max_in_flight = max_batch_size * (max_concurrent_batches + 1)
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._slots = asyncio.Semaphore(max_concurrent_batches) if max_concurrent_batches else None
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -69,7 +71,6 @@ class MicroBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Pending]) -> None:
-        assert self._slots is not None
         async with self._slots:
             live = [p for p in batch if not p.future.done()]  # a cancelled request is not run
             if not live:
@@ -87,9 +88,15 @@ class MicroBatcher:
                     _settle(live[0].future, exc=exc)
                     return
                 # isolate the failing item(s): each request gets its own result or its own error
-                for p in live:
+                for i, p in enumerate(live):
+                    if p.future.done():
+                        continue
                     try:
                         (v,) = await asyncio.to_thread(self.engine.moderate, [p.item])
+                    except EngineDeadError as dead:  # the engine died meanwhile: nobody's fault
+                        for rest in live[i:]:
+                            _settle(rest.future, exc=dead)
+                        return
                     except Exception as one:
                         _settle(p.future, exc=one)
                     else:

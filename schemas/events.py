@@ -49,6 +49,8 @@ class ErrorCode(StrEnum):
     S3_UNAVAILABLE = "s3_unavailable"
     ENGINE_FAILED = "engine_failed"
     ENGINE_OUTPUT_UNPARSEABLE = "engine_output_unparseable"
+    ENGINE_TIMEOUT = "engine_timeout"  # the engine did not answer within ENGINE_TIMEOUT_S, twice
+    INTERNAL_ERROR = "internal_error"  # an unexpected exception while preparing this record (a bug)
 
 
 class ImageRef(BaseModel):
@@ -221,7 +223,15 @@ class DeadLetterEvent(BaseModel):
         None, description="The original record key, base64; null when the record had none."
     )
     original_value_b64: str = Field(
-        description="The original record value, base64 (for inspection or redrive)."
+        description="The original record value, base64 (for inspection or redrive); only its first "
+        "GUARDSTREAM_DLQ_MAX_ORIGINAL_BYTES when it is larger (a dead letter must always fit in a message)."
+    )
+    original_value_size: int | None = Field(
+        None, description="Size in bytes of the whole original value (also when only a prefix is kept)."
+    )
+    original_value_sha256: str | None = Field(None, description="sha256 (hex) of the whole original value.")
+    original_value_truncated: bool = Field(
+        False, description="True when original_value_b64 holds only a prefix of the original value."
     )
     failed_at: datetime = Field(
         default_factory=lambda: datetime.now(UTC), description="When the post was dead-lettered (UTC)."

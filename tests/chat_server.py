@@ -10,6 +10,7 @@ import io
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +34,12 @@ class ChatServer:
     respond: Callable[[dict[str, Any]], str]
     label_confidence: float = -0.05  # logprob of the chosen safe/unsafe label
     fail_first: int = 0  # answer 503 to this many requests first
+    fail_status: int = 503  # the status of those failures
+    delay: Callable[[dict[str, Any]], float] | None = None  # seconds to "generate" a request's answer
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)  # user texts, in the order their answers were sent
+    received: threading.Event = field(default_factory=threading.Event)  # set at the first request
     images: list[Image.Image] = field(default_factory=list)
     max_in_flight: int = 0
     _in_flight: int = 0
@@ -59,6 +65,8 @@ class ChatServer:
                     return self._send(404, {"error": {"message": "not found"}})
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
+                    server.headers.append(dict(self.headers.items()))
+                    server.received.set()
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
                     fail = server.fail_first > 0
@@ -66,19 +74,27 @@ class ChatServer:
                         server.fail_first -= 1
                 try:
                     if fail:
-                        return self._send(503, {"error": {"message": "engine overloaded"}})
+                        return self._send(server.fail_status, {"error": {"message": "engine overloaded"}})
                     err = server.validate(body)
                     if err:
                         return self._send(400, {"error": {"message": err}})
                     with server._lock:
                         server.requests.append(body)
                     text = server.respond(body)
+                    if server.delay is not None:
+                        time.sleep(server.delay(body))  # the model generating; holds this connection
+                    with server._lock:
+                        server.completed.append(body["messages"][1]["content"][-1].get("text", ""))
                     return self._send(200, server.completion(body, text))
                 finally:
                     with server._lock:
                         server._in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024  # the default backlog (5) refuses bursts of concurrent clients
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         return self

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guard.chat import IMAGE_PLACEHOLDER, p_unsafe_from_logprobs, render_qwen2_5_vl
-from guard.engines import EngineKind, EngineOptions, build_engine
+from guard.engines import EngineKind, EngineOptions, build_engine, build_streaming_engine
 from guard.hf_engine import TransformersEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
@@ -237,6 +237,36 @@ def test_vllm_engine_arguments(prompts: PromptSet) -> None:
     assert verdicts[3].extra["images_judged"] == "2"
 
 
+def test_vllm_engine_starts_from_the_checkpoint_sampling_defaults(prompts: PromptSet) -> None:
+    """``LLM.generate`` with an explicit SamplingParams ignores generation_config (issue 15 item 3): the
+    engine reads the defaults vLLM would apply (``ModelConfig.get_diff_sampling_param``) and overrides
+    only temperature, max_tokens, logprobs and seed."""
+    holder: dict[str, Any] = {}
+    defaults = {"repetition_penalty": 1.05, "top_p": 0.001, "top_k": 1, "temperature": 0.1, "max_tokens": 99}
+
+    def llm_factory(**kw: Any) -> RecordingLLM:
+        llm = RecordingLLM(kw, vllm_respond)
+        llm.llm_engine = SimpleNamespace(  # type: ignore[attr-defined]
+            model_config=SimpleNamespace(get_diff_sampling_param=lambda: dict(defaults))
+        )
+        return llm
+
+    def sp_factory(**kw: Any) -> dict[str, Any]:
+        holder["sp"] = kw
+        return kw
+
+    VllmEngine(prompts, VllmConfig(model="/m", max_tokens=512), llm_factory, sp_factory)
+    assert holder["sp"] == {
+        "repetition_penalty": 1.05,
+        "top_p": 0.001,
+        "top_k": 1,
+        "temperature": 0.0,
+        "max_tokens": 512,
+        "logprobs": 5,
+        "seed": 0,
+    }
+
+
 def test_vllm_engine_failures_are_engine_errors(prompts: PromptSet) -> None:
     eng, llm, _ = make_vllm(prompts)
     llm.fail = RuntimeError("CUDA out of memory")
@@ -325,7 +355,8 @@ def test_worker_with_server_engine_routes_novel_risks(
         post("n4", "a4", "garbled"),
     ]
     produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in posts])
-    eng = build_engine(EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url))
+    # the worker's own path: the streaming server engine (one request per post, out of order)
+    eng = build_streaming_engine(EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url))
     build_worker(settings, eng).run(until_drained=True)
     verdicts = {
         json.loads(v)["post_id"]: json.loads(v)

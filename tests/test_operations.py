@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from confluent_kafka import TopicPartition
 
 from guard.cpu import CpuEngine
 from infra.stack import free_port
@@ -51,13 +53,16 @@ def test_metrics_and_health_are_served(settings: Settings, services: Services, c
         after = httpx.get(f"{base}/metrics").text
         assert ready_seen.is_set(), "readiness was not reported while partitions were assigned"
         assert httpx.get(f"{base}/healthz").status_code == 200
-        assert httpx.get(f"{base}/readyz").status_code == 503 and not HEALTH.ready  # stopped
+        stopped = httpx.get(f"{base}/readyz")
+        assert stopped.status_code == 503 and not HEALTH.ready and "stopped" in stopped.text
         assert metric(after, "guardstream_consumed_total") - metric(before, "guardstream_consumed_total") == 6
         assert metric(after, "guardstream_dead_letters_total", '{error_code="invalid_json"}') >= 1
         assert metric(after, "guardstream_moderated_total", '{engine="cpu-minilm",outcome="safe"}') >= 5
-        assert metric(after, "guardstream_engine_batch_size_count") > metric(
-            before, "guardstream_engine_batch_size_count"
-        )
+        assert (
+            metric(after, "guardstream_engine_latency_seconds_count")
+            - metric(before, "guardstream_engine_latency_seconds_count")
+            == 5
+        )  # one engine request per post that reached the engine
         assert metric(after, "guardstream_commits_total") > metric(before, "guardstream_commits_total")
         assert "guardstream_consumer_lag{" in after
         assert "guardstream_e2e_latency_seconds_bucket" in after
@@ -80,3 +85,59 @@ def test_k8s_manifests() -> None:
         assert key.removeprefix("GUARDSTREAM_").lower() in Settings.model_fields, key
     scaled = next(d for d in docs if d["kind"] == "ScaledObject")
     assert scaled["spec"]["triggers"][0]["type"] == "kafka"
+
+
+@pytest.mark.integration
+def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_engine: CpuEngine) -> None:
+    """A worker holding no partitions answers 503 "idle" on /readyz (it is no serving capacity), and
+    logs and exports it when the group has lag while it holds nothing."""
+    from structlog.testing import capture_logs
+
+    from workers import metrics
+
+    port = free_port()
+    server = start_metrics_server(port, host="127.0.0.1")
+    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, post("idle-1", "a", "x"))])
+    # not subscribed: no partitions (session_timeout 1 s: past it, an idle member is worth reporting)
+    worker = build_worker(settings.model_copy(update={"session_timeout_ms": 1000}), cpu_engine)
+    try:
+        worker._update_ready()
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert r.status_code == 503 and "idle: no partitions assigned" in r.text
+        worker._started -= 2.0  # the group had its chance to assign us partitions
+        with capture_logs() as logs:
+            worker._update_lag()
+        assert metrics.IDLE_WITH_LAG._value.get() == 1
+        assert any(e["event"] == "member_idle_with_lag" and e["lag"] >= 1 for e in logs)
+    finally:
+        worker.close()
+        server.shutdown()
+
+
+@pytest.mark.integration
+def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
+    settings: Settings, cpu_engine: CpuEngine
+) -> None:
+    """Right after an assignment the position is unknown; the lag then comes from the committed offset
+    (it used to count the whole partition as lag)."""
+    from workers import metrics
+
+    produce_all(
+        settings.bootstrap_servers,
+        settings.posts_topic,
+        [(f"k{i}", post(f"lag-{i}", "a", "x")) for i in range(9)],
+    )
+    build_worker(settings, cpu_engine).run(until_drained=True)  # everything consumed and committed
+    lags: list[float] = []
+    worker: list[Any] = []
+
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        if name == "assigned" and not lags:  # nothing fetched yet: every position is unknown
+            worker[0]._update_lag([TopicPartition(t, p) for t, p in details["partitions"]])
+            lags.extend(
+                metrics.CONSUMER_LAG.labels(settings.posts_topic, str(p))._value.get() for p in range(3)
+            )
+
+    worker.append(build_worker(settings, cpu_engine, on_event=on_event))
+    worker[0].run(until_drained=True)
+    assert lags == [0.0, 0.0, 0.0]

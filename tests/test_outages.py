@@ -9,20 +9,17 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
 from structlog.testing import capture_logs
 
 from guard.cpu import CpuEngine
 from infra.stack import Broker, create_topics, ensure_bucket
 from tests.conftest import Services
 from tests.engines import GatedEngine
-from workers import metrics
-from workers.app import build_moderator, build_worker
+from workers.app import build_worker
 from workers.core import Outcome
 from workers.runner import BrokerUnavailable, KafkaWorker
 from workers.sample_feed import post
@@ -90,27 +87,21 @@ def test_broker_outage_past_the_deadline_exits_with_a_clear_error(
     assert "broker_unreachable_retrying" in events and "broker_unavailable_giving_up" in events
 
 
-class ObservedWorker(KafkaWorker):
-    """Records what the worker did around a slow engine batch (pauses, revokes)."""
+class Observer:
+    """Records what the worker reports through its ``on_event`` seam (pauses, revokes, broker down)."""
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.paused_in_flight: list[float] = []
+    def __init__(self) -> None:
+        self.paused_in_flight: list[int] = []
         self.revoking = threading.Event()
         self.broker_down = threading.Event()
 
-    def _wait_paused(self, fut: Future[None]) -> None:
-        self.paused_in_flight.append(metrics.IN_FLIGHT._value.get())
-        super()._wait_paused(fut)
-
-    def _on_kafka_error(self, err: Any) -> None:
-        super()._on_kafka_error(err)
-        if self._broker_down_since is not None:
+    def __call__(self, name: str, details: dict[str, Any]) -> None:
+        if name == "paused":
+            self.paused_in_flight.append(details["in_engine"])
+        elif name == "revoking":
+            self.revoking.set()
+        elif name == "broker_down":
             self.broker_down.set()
-
-    def _on_revoke(self, c: Any, parts: list[TopicPartition]) -> None:
-        self.revoking.set()
-        super()._on_revoke(c, parts)
 
 
 def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
@@ -129,13 +120,14 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
     try:
         s = own_broker_settings(settings, broker, broker_deadline_s=60.0, cache_enabled=False)
         ids = feed(s, 120, "durable")
-        worker = ObservedWorker(s, build_moderator(s, cpu_engine))
+        seen = Observer()
+        worker = build_worker(s, cpu_engine, on_event=seen)
         halfway, restarted = threading.Event(), threading.Event()
 
         def restart() -> None:
             halfway.wait(120)
             broker.stop(kill=True)
-            worker.broker_down.wait(60)
+            seen.broker_down.wait(60)
             broker.start()
             restarted.set()
 
@@ -150,7 +142,7 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
             worker.run(until_drained=True, on_batch=on_batch)
         t.join(60)
         events = [e["event"] for e in logs]
-        assert restarted.is_set() and worker.broker_down.is_set(), "the outage was never noticed"
+        assert restarted.is_set() and seen.broker_down.is_set(), "the outage was never noticed"
         assert "broker_reachable_again" in events and "broker_unavailable_giving_up" not in events
         if worker.stats.consumed < len(ids):  # drained before the restart finished: run again to the end
             build_worker(s, cpu_engine).run(until_drained=True)
@@ -174,14 +166,14 @@ def test_slow_engine_pauses_partitions_and_keeps_group_membership(
     )
     ids = feed(s, 40, "slow")
     engine = GatedEngine(cpu_engine, hold_s=9.0)  # never released: a 9 s batch
-    before = metrics.IN_FLIGHT._value.get()
-    worker = ObservedWorker(s, build_moderator(s, engine))
+    seen = Observer()
+    worker = build_worker(s, engine, on_event=seen)
     stats = worker.run(until_drained=True)
     counts = verdict_counts(s)
-    print(f"slow-engine: posts={len(ids)} pauses={len(worker.paused_in_flight)} batches={stats.batches}")
-    assert worker.paused_in_flight, "the worker never paused its partitions"
-    # while paused: one batch in the engine and at most one more collected, nothing read beyond that
-    assert max(worker.paused_in_flight) - before <= 2 * s.max_batch_size
+    print(f"slow-engine: posts={len(ids)} pauses={len(seen.paused_in_flight)} batches={stats.batches}")
+    assert seen.paused_in_flight, "the worker never paused its partitions"
+    # while paused: the window (one batch in the engine, one gathering) and nothing read beyond it
+    assert max(seen.paused_in_flight) <= worker.max_in_flight == 2 * s.max_batch_size
     assert set(counts) == ids and max(counts.values()) == 1
 
 
@@ -193,7 +185,8 @@ def test_rebalance_during_a_slow_batch_publishes_it_once(settings: Settings, cpu
     # partitions move to the second worker, it has posts of its own to moderate
     assert len(per_partition) == 3 and min(per_partition.values()) > s.max_batch_size, per_partition
     gated = GatedEngine(cpu_engine)
-    first = ObservedWorker(s, build_moderator(s, gated))
+    seen = Observer()
+    first = build_worker(s, gated, on_event=seen)
     second = build_worker(s, cpu_engine)
     errors: list[BaseException] = []
 
@@ -208,7 +201,7 @@ def test_rebalance_during_a_slow_batch_publishes_it_once(settings: Settings, cpu
     assert gated.entered.wait(60), "the first batch never reached the engine"
     t2 = threading.Thread(target=run, args=(second,))
     t2.start()  # joins the group: the first worker must give up partitions while its batch is in the engine
-    assert first.revoking.wait(60), "no rebalance while the engine was busy"
+    assert seen.revoking.wait(60), "no rebalance while the engine was busy"
     gated.release.set()
     t1.join(120)
     t2.join(120)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import structlog
+
 from guard.engines import build_engine
-from guard.types import GuardEngine
+from guard.engines import build_streaming_engine as guard_build_streaming_engine
+from guard.streaming import MicroBatcher
+from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
 from workers.core import Moderator
 from workers.media import MediaFetcher, make_s3_client
 from workers.runner import KafkaWorker
 from workers.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 
 def build_fetcher(settings: Settings) -> MediaFetcher:
@@ -23,11 +31,35 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
     )
 
 
-def build_moderator(settings: Settings, engine: GuardEngine | None = None) -> Moderator:
+def build_moderator(settings: Settings, engine: GuardEngine | StreamingEngine | None = None) -> Moderator:
+    """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
+    worker's (it then only prepares records and builds events; the engine is awaited by the worker)."""
     engine = engine or build_engine(settings.engine, settings.engine_options())
     cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
     return Moderator(settings, engine, build_fetcher(settings), cache)
 
 
-def build_worker(settings: Settings, engine: GuardEngine | None = None) -> KafkaWorker:
-    return KafkaWorker(settings, build_moderator(settings, engine))
+def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> StreamingEngine:
+    """A streaming engine as is; a batch-native one behind a ``MicroBatcher`` (MAX_BATCH_SIZE/MAX_WAIT_MS)."""
+    if isinstance(engine, GuardEngine):
+        return MicroBatcher(engine, settings.max_batch_size, settings.max_wait_ms / 1000.0)
+    return engine
+
+
+def build_streaming_engine(settings: Settings) -> StreamingEngine:
+    """The configured engine on the per-request seam (``guard.engines.build_streaming_engine``)."""
+    return guard_build_streaming_engine(
+        settings.engine,
+        settings.engine_options(),
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+    )
+
+
+def build_worker(
+    settings: Settings, engine: GuardEngine | StreamingEngine | None = None, **kw: Any
+) -> KafkaWorker:
+    """The streaming worker. ``engine``: a streaming engine, or a batch one (wrapped in a MicroBatcher);
+    default: the configured engine. ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
+    eng = streaming(settings, engine) if engine is not None else build_streaming_engine(settings)
+    return KafkaWorker(settings, build_moderator(settings, eng), eng, **kw)

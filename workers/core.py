@@ -8,6 +8,7 @@ drive this class with plain lists.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,13 +16,13 @@ from datetime import UTC, datetime
 
 import structlog
 
-from guard.types import EngineError, GuardEngine, ModerationItem, Verdict
+from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import DecodeError, decode_post
 from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, VerdictEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers import metrics
 from workers.cache import ContentKeyer, VerdictCache
-from workers.media import MediaError, MediaFetcher
+from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)
@@ -74,13 +75,20 @@ class Prepared:
     cached: CachedVerdict | None = None
     error: tuple[ErrorCode, str, str] | None = None  # code, error class, message
     verdict: Verdict | None = field(default=None)
+    unavailable: str | None = None  # an infrastructure outage (S3) kept it from being prepared: retry later
+
+    @property
+    def needs_engine(self) -> bool:
+        return (
+            self.error is None and self.item is not None and self.cached is None and self.unavailable is None
+        )
 
 
 class Moderator:
     def __init__(
         self,
         settings: Settings,
-        engine: GuardEngine,
+        engine: GuardEngine | StreamingEngine,
         fetcher: MediaFetcher | None,
         cache: VerdictCache | None,
     ) -> None:
@@ -99,6 +107,10 @@ class Moderator:
 
     # ---------------------------------------------------------------- prepare
     def prepare(self, records: Sequence[Record]) -> list[Prepared]:
+        """Decode, fetch media, hash and look up ``records``. Never raises for one record's sake: anything
+        unexpected while preparing a record dead-letters that record (``internal_error``), so one hostile
+        post cannot stop the stream. An S3 *outage* (``MediaUnavailable``) is not the post's fault: those
+        records come back with ``unavailable`` set, for the caller to hold and retry."""
         now = time.monotonic()
         prepared = [Prepared(record=r, started=now) for r in records]
         metrics.CONSUMED.inc(len(records))
@@ -107,45 +119,93 @@ class Moderator:
                 p.post = decode_post(p.record.value)
             except DecodeError as exc:
                 p.error = (exc.code, "DecodeError", exc.message)
-        with_images = [p for p in prepared if p.post is not None and p.post.images]
+            except Exception as exc:
+                _internal(p, exc, "decode")
+        with_images = [p for p in prepared if p.post is not None and p.post.images and p.error is None]
         if with_images:
-            if self.fetcher is None:
-                for p in with_images:
-                    p.error = (ErrorCode.S3_UNAVAILABLE, "ConfigError", "no media fetcher configured")
-            else:
-                fetched = self.fetcher.fetch_posts([p.post.image_refs for p in with_images if p.post])
-                for p, res in zip(with_images, fetched, strict=True):
-                    if isinstance(res, MediaError):
-                        p.error = (res.code, "MediaError", res.message)
-                    else:
-                        assert p.post is not None
-                        p.item = ModerationItem(p.post.post_id, p.post.text, tuple(f.image for f in res))
-                        p.key = self._key(p.post, [f.sha256 for f in res])
+            self._fetch(with_images)
         for p in prepared:
-            if p.post is not None and p.error is None and p.item is None:
-                p.item = ModerationItem(p.post.post_id, p.post.text)
-                p.key = self._key(p.post, [])
-        ready = [p for p in prepared if p.key is not None]
+            if p.post is not None and p.error is None and p.item is None and p.unavailable is None:
+                try:
+                    p.item = ModerationItem(p.post.post_id, p.post.text)
+                    p.key = self._key(p.post, [])
+                except Exception as exc:
+                    _internal(p, exc, "content hash")
+        ready = [p for p in prepared if p.key is not None and p.error is None]
         if self.cache is not None and ready:
-            for p, hit in zip(ready, self.cache.get_many([p.key for p in ready if p.key]), strict=True):
+            try:
+                hits = self.cache.get_many([p.key for p in ready if p.key])
+            except Exception as exc:  # the cache degrades by itself; a bug in it must not stop the stream
+                log.warning("cache_lookup_failed", error=repr(exc)[:300])
+                hits = [None] * len(ready)
+            for p, hit in zip(ready, hits, strict=True):
                 p.cached = hit
         return prepared
+
+    def _fetch(self, with_images: list[Prepared]) -> None:
+        if self.fetcher is None:
+            for p in with_images:
+                p.error = (ErrorCode.S3_UNAVAILABLE, "ConfigError", "no media fetcher configured")
+            return
+        try:
+            fetched = self.fetcher.fetch_posts([p.post.image_refs for p in with_images if p.post])
+        except MediaUnavailable as exc:
+            for p in with_images:
+                p.unavailable = str(exc)[:500]
+            return
+        except Exception:
+            # one post's images broke the batch fetch in an unexpected way: fetch post by post so only
+            # that post is dead-lettered
+            for p in with_images:
+                self._fetch_one(p)
+            return
+        for p, res in zip(with_images, fetched, strict=True):
+            self._attach(p, res)
+
+    def _fetch_one(self, p: Prepared) -> None:
+        assert self.fetcher is not None and p.post is not None
+        try:
+            (res,) = self.fetcher.fetch_posts([p.post.image_refs])
+        except MediaUnavailable as exc:
+            p.unavailable = str(exc)[:500]
+            return
+        except Exception as exc:
+            _internal(p, exc, "media fetch")
+            return
+        self._attach(p, res)
+
+    def _attach(self, p: Prepared, res: list[FetchedImage] | MediaError) -> None:
+        if isinstance(res, MediaError):
+            p.error = (res.code, "MediaError", res.message)
+            return
+        assert p.post is not None
+        try:
+            p.item = ModerationItem(p.post.post_id, p.post.text, tuple(f.image for f in res))
+            p.key = self._key(p.post, [f.sha256 for f in res])
+        except Exception as exc:
+            p.item = None
+            _internal(p, exc, "content hash")
 
     def _key(self, post: PostEvent, digests: list[str]) -> str:
         return self._keyer(post.modality.value, post.text, digests)
 
     @staticmethod
     def misses(prepared: Sequence[Prepared]) -> int:
-        return sum(1 for p in prepared if p.item is not None and p.cached is None and p.error is None)
+        return sum(1 for p in prepared if p.needs_engine)
 
     # ---------------------------------------------------------------- infer
     def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
+        """The batch path (replay, offline tools): an S3 outage fails the call instead of becoming dead
+        letters (the streaming worker holds such records and retries them)."""
+        down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
+        if down is not None:
+            raise MediaUnavailable(down)
         self.moderate(prepared)
         return self.finish(prepared)
 
     @staticmethod
     def _todo(prepared: Sequence[Prepared]) -> list[Prepared]:
-        return [p for p in prepared if p.error is None and p.item is not None and p.cached is None]
+        return [p for p in prepared if p.needs_engine]
 
     def moderate(self, prepared: Sequence[Prepared]) -> None:
         """The engine step: the model call on the cache misses, nothing else. The runner calls it on its
@@ -209,13 +269,19 @@ class Moderator:
             metrics.NOVEL_RISKS.inc(novel)
 
     def _run_engine(self, items: list[Prepared]) -> None:
-        """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts."""
+        """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts. (The batch
+        path, for replay and offline tools; the Kafka worker streams through ``workers.engine_loop``.)"""
+        engine = self.engine
+        if not isinstance(engine, GuardEngine):
+            raise TypeError(
+                f"{engine.name}: the batch path needs a GuardEngine (moderate), got a streaming one"
+            )
         batch = [p.item for p in items if p.item is not None]
         last: Exception | None = None
         for attempt in range(self.settings.engine_retries + 1):
             t0 = time.perf_counter()
             try:
-                verdicts = self.engine.moderate(batch)
+                verdicts = engine.moderate(batch)
                 if len(verdicts) != len(batch):
                     raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
             except Exception as exc:
@@ -281,6 +347,7 @@ class Moderator:
     def _dead_letter(self, p: Prepared) -> Outcome:
         r = p.record
         code, cls, msg = p.error or (ErrorCode.INVALID_EVENT, "Unknown", "no post")
+        raw = r.value or b""
         dl = DeadLetterEvent(
             post_id=p.post.post_id if p.post else _post_id_hint(r.value),
             error_code=code,
@@ -289,8 +356,14 @@ class Moderator:
             source_topic=r.topic,
             source_partition=r.partition,
             source_offset=r.offset,
-            original_key_b64=DeadLetterEvent.encode_bytes(r.key),
-            original_value_b64=DeadLetterEvent.encode_bytes(r.value) or "",
+            original_key_b64=DeadLetterEvent.encode_bytes(
+                r.key[: self.settings.dlq_max_original_bytes] if r.key else r.key
+            ),
+            original_value_b64=DeadLetterEvent.encode_bytes(raw[: self.settings.dlq_max_original_bytes])
+            or "",
+            original_value_size=len(raw),
+            original_value_sha256=hashlib.sha256(raw).hexdigest(),
+            original_value_truncated=len(raw) > self.settings.dlq_max_original_bytes,
         )
         metrics.DEAD_LETTERS.labels(code.value).inc()
         log.info(
@@ -315,7 +388,8 @@ class Moderator:
             self.fetcher.close()
         if self.cache is not None:
             self.cache.close()
-        self.engine.close()
+        if isinstance(self.engine, GuardEngine):  # a streaming engine is closed by its event loop (aclose)
+            self.engine.close()
 
 
 def _to_cache(v: Verdict) -> CachedVerdict:
@@ -343,3 +417,43 @@ def _post_id_hint(raw: bytes | None) -> str | None:
     pid = obj.get("post_id") if isinstance(obj, dict) else None
     # a lone surrogate ("\ud800") would make the dead letter itself unserialisable: replace it
     return pid[:256].encode("utf-8", "replace").decode("utf-8") if isinstance(pid, str) else None
+
+
+def _internal(p: Prepared, exc: Exception, stage: str) -> None:
+    """The last line of defence: an exception nobody planned for becomes this record's dead letter."""
+    p.error = (ErrorCode.INTERNAL_ERROR, type(exc).__name__, f"{stage}: {exc!r}"[:1000])
+    log.error(
+        "prepare_internal_error",
+        stage=stage,
+        error_class=type(exc).__name__,
+        topic=p.record.topic,
+        partition=p.record.partition,
+        offset=p.record.offset,
+        exc_info=exc,
+    )
+
+
+def shrink_output(out: Output, outcome: Outcome) -> Output | None:
+    """A smaller version of an output the broker refused as too large (``MSG_SIZE_TOO_LARGE``): a dead
+    letter loses the original bytes (size and sha256 stay) and most of its message; a verdict loses its
+    reasoning and raw output. None when there is nothing left to cut."""
+    dl = outcome.dead_letter
+    if dl is not None:
+        if not dl.original_value_b64 and len(dl.message) <= 200 and not dl.original_key_b64:
+            return None
+        small = dl.model_copy(
+            update={
+                "original_value_b64": "",
+                "original_key_b64": None,
+                "original_value_truncated": True,
+                "message": dl.message[:200],
+            }
+        )
+        outcome.dead_letter = small
+        return Output(out.topic, out.key, small.__pydantic_serializer__.to_json(small))
+    v = outcome.verdict
+    if v is not None and (v.reasoning or v.raw_output):
+        v.reasoning = None
+        v.raw_output = None
+        return Output(out.topic, out.key, encode(v))
+    return None

@@ -50,7 +50,8 @@ def producer_config(s: Settings) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
-        "delivery.report.only.error": True,  # acks are checked by flush(); only failures call back
+        # every ack is reported: a record is complete when all its outputs are acknowledged
+        "delivery.report.only.error": False,
         "message.timeout.ms": int(s.produce_timeout_s * 1000),
         "log.connection.close": False,
         "logger": kafka_logger(),

@@ -1,5 +1,6 @@
 """Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz`` (liveness: the main
-loop turned recently), ``/readyz`` (readiness: engine loaded and partitions assigned)."""
+loop turned recently), ``/readyz`` (readiness: partitions assigned and engine and S3 available; a member
+with zero partitions answers 503 "idle: no partitions assigned")."""
 
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ CACHE_MISSES = Counter("guardstream_cache_misses_total", "Verdict cache misses")
 CACHE_ERRORS = Counter("guardstream_cache_errors_total", "Redis errors (moderation continued without cache)")
 DEAD_LETTERS = Counter("guardstream_dead_letters_total", "Posts dead-lettered", ["error_code"])
 NOVEL_RISKS = Counter("guardstream_novel_risks_total", "Verdicts carrying a novel-risk description")
-ENGINE_FAILURES = Counter("guardstream_engine_failures_total", "Engine batch failures (before retry/bisect)")
+ENGINE_FAILURES = Counter("guardstream_engine_failures_total", "Engine request failures (before retry)")
 BATCH_SIZE = Histogram(
     "guardstream_engine_batch_size", "Items per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
-ENGINE_LATENCY = Histogram("guardstream_engine_latency_seconds", "Engine call latency")
+ENGINE_LATENCY = Histogram("guardstream_engine_latency_seconds", "Engine request latency (one post)")
 E2E_LATENCY = Histogram(
     "guardstream_e2e_latency_seconds",
     "Post created_at to verdict decided",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
-IN_FLIGHT = Gauge("guardstream_in_flight", "Posts consumed but not yet committed")
+IN_FLIGHT = Gauge("guardstream_in_flight", "Posts in the engine or held back by an outage")
 CONSUMER_LAG = Gauge("guardstream_consumer_lag", "Records behind the partition end", ["topic", "partition"])
 COMMITS = Counter("guardstream_commits_total", "Offset commits after acknowledged publishes")
 COMMITS_LOST = Counter(
@@ -39,6 +40,16 @@ BROKER_DOWN_SECONDS = Gauge(
     "guardstream_broker_down_seconds", "How long the broker has been unreachable (0: up)"
 )
 PAUSED_PARTITIONS = Gauge("guardstream_paused_partitions", "Partitions paused for backpressure")
+MAX_IN_FLIGHT = Gauge("guardstream_max_in_flight", "Engine requests the worker keeps outstanding at most")
+ENGINE_TIMEOUTS = Counter(
+    "guardstream_engine_timeouts_total", "Engine requests that did not answer within ENGINE_TIMEOUT_S"
+)
+OUTPUTS_TRIMMED = Counter(
+    "guardstream_outputs_trimmed_total", "Outputs re-sent smaller after the broker refused them as too large"
+)
+IDLE_WITH_LAG = Gauge(
+    "guardstream_idle_member_with_lag", "1 while this member holds no partitions and the group has lag"
+)
 
 
 def observe_many(hist: Histogram, values: Sequence[float]) -> None:
@@ -69,7 +80,14 @@ class Health:
         self.stale_after_s = stale_after_s
         self.last_beat = time.monotonic()
         self.ready = False
+        self.reason = "starting"
         self._lock = threading.Lock()
+
+    def set_ready(self, ready: bool, reason: str) -> None:
+        """Ready: partitions assigned and every dependency up. Not ready says why ("idle: no partitions
+        assigned", "engine unavailable", ...), in the /readyz body."""
+        with self._lock:
+            self.ready, self.reason = ready, reason
 
     def beat(self) -> None:
         with self._lock:
@@ -101,7 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
             ok = HEALTH.alive()
             self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
         elif self.path == "/readyz":
-            self._reply(200 if HEALTH.ready else 503, b"ready\n" if HEALTH.ready else b"not ready\n")
+            ready, reason = HEALTH.ready, HEALTH.reason
+            self._reply(200 if ready else 503, b"ready\n" if ready else f"not ready: {reason}\n".encode())
         else:
             self._reply(404, b"not found\n")
 

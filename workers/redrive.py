@@ -79,8 +79,9 @@ def redrive(
             report.already += 1
             continue
         value = base64.b64decode(dl.get("original_value_b64") or "")
-        size = dl.get("original_size", len(value))  # dead letters that keep only a prefix say so
-        if dl.get("original_truncated") or size != len(value):
+        # dead letters that keep only a prefix say so (schemas.events.DeadLetterEvent)
+        size = dl.get("original_value_size") or len(value)
+        if dl.get("original_value_truncated") or size != len(value):
             report.unrecoverable += 1
             continue
         key_b64 = dl.get("original_key_b64")

@@ -73,7 +73,23 @@ class Settings(BaseSettings):
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
-    pause_after_s: float = Field(1.0, gt=0)  # engine busy this long: pause partitions (backpressure)
+    pause_after_s: float = Field(1.0, gt=0)  # window full this long: pause partitions (backpressure)
+
+    # Streaming window and offsets
+    # engine requests outstanding at once; None: the engine's own ``max_in_flight`` (vLLM: 2x max_num_seqs)
+    max_in_flight: int | None = Field(None, ge=1, le=65_536)
+    commit_interval_ms: int = Field(1000, ge=10, le=600_000)  # watermark commits (and EOS transactions)
+    revoke_timeout_s: float = Field(10.0, ge=0)  # on revoke, wait this long for in-flight work to finish
+    shutdown_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, wait this long for in-flight work
+    engine_timeout_s: float = Field(300.0, gt=0)  # one request; then retried alone once, then engine_timeout
+    engine_deadline_s: float = Field(300.0, gt=0)  # engine dead this long: exit code 3
+    media_deadline_s: float = Field(300.0, gt=0)  # S3 unavailable this long: exit code 3
+    outage_backoff_s: float = Field(
+        2.0, gt=0
+    )  # first retry of a dead engine / unavailable S3 (doubles to 30s)
+    dlq_max_original_bytes: int = Field(
+        64 * 1024, ge=0, le=512 * 1024
+    )  # original value kept in a dead letter
 
     # Engine
     engine: EngineKind = EngineKind.CPU
@@ -93,13 +109,15 @@ class Settings(BaseSettings):
     vllm_server_url: str = "http://127.0.0.1:8003/v1"
     vllm_server_model: str = "ProGuard-7B"
     vllm_server_api_key: str | None = None
-    vllm_server_concurrency: int = Field(64, ge=1, le=1024)
+    # requests in flight to the server; None: 2 x VLLM_MAX_NUM_SEQS (keeps the server's running batch full)
+    vllm_server_concurrency: int | None = Field(None, ge=1, le=4096)
     vllm_server_timeout_s: float = Field(120.0, gt=0)
 
     # Operations
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
     metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # bind address of /metrics, /healthz, /readyz
     lag_interval_s: float = Field(10.0, gt=0)
 
     # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together

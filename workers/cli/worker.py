@@ -44,7 +44,7 @@ def worker(
     from workers.app import build_worker
     from workers.media import MediaUnavailable
     from workers.metrics import start_metrics_server
-    from workers.runner import BrokerUnavailable, PublishError
+    from workers.runner import PublishError, Unavailable
 
     s = load_settings(
         bootstrap_servers=bootstrap_servers,
@@ -61,12 +61,12 @@ def worker(
         from workers.build_info import record_build_info
 
         record_build_info(s.engine.value)  # guardstream_build_info{version, engine, ...} for the dashboard
-        start_metrics_server(s.metrics_port)
+        start_metrics_server(s.metrics_port, s.metrics_host)
     w = build_worker(s)
     w.install_signal_handlers()
     try:
         stats = w.run(until_drained=until_drained)
-    except (BrokerUnavailable, PublishError, MediaUnavailable) as exc:
+    except (Unavailable, PublishError, MediaUnavailable) as exc:
         # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
         log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
         return 3
