@@ -131,3 +131,16 @@ def test_check_cli(settings: Settings, services: Services) -> None:
         timeout=60,
     )
     assert worker.returncode == 2 and "GUARDSTREAM_MAX_BATCH_SIZE" in worker.stderr
+    # the worker runs the same checks at start: a posts topic that does not exist stops it with the fix
+    # named, before any engine is loaded (waiting would not make the topic appear)
+    no_topic = {**env, "GUARDSTREAM_POSTS_TOPIC": f"{settings.posts_topic}-missing"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
+        env=no_topic,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "FAIL broker" in missing.stderr and "fix:" in missing.stderr
+    assert "preflight_failed" in missing.stderr

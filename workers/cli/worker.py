@@ -23,6 +23,7 @@ from workers.cli.base import (
     log,
 )
 from workers.cli.topics import worker_topics
+from workers.settings import Settings
 
 
 @app.command()
@@ -38,6 +39,14 @@ def worker(
     metrics_port: MetricsPortOpt = None,
     until_drained: Annotated[
         bool, typer.Option("--until-drained", help="Exit once the posts topic is consumed.")
+    ] = False,
+    skip_preflight: Annotated[
+        bool,
+        typer.Option(
+            "--skip-preflight",
+            help="Start without the pre-flight checks of `guardstream check` (broker and topics, bucket, "
+            "Redis). By default a failing check stops the worker at start with exit code 2 and the fix.",
+        ),
     ] = False,
 ) -> int:
     """Run the moderation worker (SIGTERM/Ctrl-C: finish the batch, commit, exit 0)."""
@@ -57,6 +66,8 @@ def worker(
         group_id=group_id,
         metrics_port=metrics_port,
     )
+    if not skip_preflight:
+        _preflight_or_exit(s)
     if s.metrics_port:
         from workers.build_info import record_build_info
 
@@ -138,3 +149,25 @@ def up(
         return 0
     finally:
         stack.stop()
+
+
+def _preflight_or_exit(s: Settings) -> None:
+    """The checks of ``guardstream check`` at start (the engine is built next, so it is not probed twice).
+
+    A missing topic, an unreadable bucket or a wrong setting does not heal by waiting: the worker stops
+    with exit code 2 and each fix named. Redis is the exception: the cache is optional, so a Redis that
+    is down is a warning and the worker runs without it (it reconnects by itself)."""
+    import sys
+
+    from workers.preflight import run_checks
+
+    results = run_checks(s, probe_engine=False)
+    for r in results:
+        if not r.ok and r.name == "redis":
+            log.warning("preflight_redis_unavailable", detail=r.detail, fix=r.fix)
+    failures = [r for r in results if not r.ok and r.name != "redis"]
+    if failures:
+        for r in failures:
+            print(r.line(), file=sys.stderr)
+        log.error("preflight_failed", failures=[r.name for r in failures], exit_code=2)
+        raise typer.Exit(2)
