@@ -388,9 +388,9 @@ def bench_cache(env: Env, n: int, dup_ratio: float = 0.3) -> dict[str, float]:
 def _cpu_engine_child(n: int) -> dict[str, float]:
     from guard.cpu import CpuEngine
     from guard.prompts import PromptSet
+    from guard.samples import TEXTS
     from guard.taxonomy import Taxonomy
     from guard.types import ModerationItem
-    from workers.sample_feed import TEXTS
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     eng = CpuEngine(PromptSet(Taxonomy.load()))

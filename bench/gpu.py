@@ -53,6 +53,7 @@ from bench.gpu_sim import GpuSim, SimAsyncLLM, SimConfig, mean_running
 from bench.sim_server import SimServerProcess
 from guard.engines import build_streaming_engine
 from guard.prompts import PromptSet
+from guard.samples import drawn_image, png_bytes
 from guard.server_engine import ServerConfig, request_body
 from guard.taxonomy import Taxonomy
 from guard.types import ModerationItem
@@ -60,7 +61,7 @@ from guard.vllm_engine import build_request
 from infra.stack import free_port
 from workers.app import build_worker
 from workers.core import Outcome
-from workers.sample_feed import drawn_image, png_bytes, post
+from workers.sample_feed import post
 
 if TYPE_CHECKING:
     from bench.__main__ import Env

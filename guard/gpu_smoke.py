@@ -20,8 +20,8 @@ from rich.table import Table
 
 from guard.chat import render_qwen2_5_vl
 from guard.engines import EngineKind, EngineOptions, build_engine
+from guard.samples import TEXTS, drawn_image
 from guard.types import GuardEngine, ModerationItem
-from workers.sample_feed import TEXTS, drawn_image
 
 
 def samples(repeat: int) -> list[ModerationItem]:

@@ -15,13 +15,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 import structlog
+
+from workers.kafka.admin import TopicCreationError as TopicCreationError
+from workers.kafka.admin import (
+    create_topics as create_topics,  # the CLI and tests create topics through the stack
+)
 
 log = structlog.get_logger(__name__)
 
@@ -264,29 +268,6 @@ def ensure_redis(
         )
     port = int(client.connection_pool.connection_kwargs.get("port", 6379))
     return RedisServer(port=port, data_dir=data_dir).start()
-
-
-def create_topics(
-    bootstrap: str,
-    topics: dict[str, int],
-    timeout_s: float = 15.0,
-    extra: Mapping[str, str] | None = None,
-) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-
-    from workers.kafka_config import admin_config  # the one place client security settings come from
-
-    admin = AdminClient(admin_config(bootstrap, extra))
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
-    if not new:
-        return
-    for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
-        try:
-            fut.result(timeout_s)
-        except Exception as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise StackError(f"cannot create topic {name}: {exc}") from exc
 
 
 def ensure_bucket(s3: Any, bucket: str) -> None:

@@ -276,8 +276,8 @@ def test_topics_create_is_idempotent(settings: Settings) -> None:
 def test_produce_uploads_images_and_tail_follows_the_worker(
     settings: Settings, services: Services, cpu_engine: Any, tmp_path: Path
 ) -> None:
+    from guard.samples import drawn_image, png_bytes
     from workers.app import build_worker
-    from workers.sample_feed import drawn_image, png_bytes
 
     pics = tmp_path / "pics"
     pics.mkdir()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from guard.samples import drawn_image, png_bytes
 from guard.taxonomy import Taxonomy
 from schemas.events import (
     AlertEvent,
@@ -32,7 +33,6 @@ from workers.console.ingest import Ingester
 from workers.console.settings import ConsoleSettings
 from workers.console.store import Filters, QueueStore, Reason
 from workers.reviews import ReviewError, build_review
-from workers.sample_feed import drawn_image, png_bytes
 from workers.settings import Settings
 
 ALICE = "alice-token-0123456789"

@@ -12,13 +12,14 @@ import redis
 from guard.cpu import CpuEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
+from guard.samples import drawn_image, png_bytes
 from schemas.events import DeadLetterEvent, ErrorCode, VerdictEvent
 from tests.conftest import BUCKET, Services
 from tests.engines import PoisonEngine, RawOutputEngine
 from workers.app import build_moderator
 from workers.cache import VerdictCache
 from workers.core import Moderator, Record
-from workers.sample_feed import drawn_image, png_bytes, post
+from workers.sample_feed import post
 from workers.settings import ParseErrorPolicy, Settings
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from guard.cpu import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
+from guard.samples import drawn_image
 from guard.types import ModerationItem
-from workers.sample_feed import drawn_image
 
 SAFE = [
     "Anyone know a good pizza place downtown?",

@@ -22,12 +22,12 @@ from guard.engines import EngineKind, EngineOptions, build_engine, build_streami
 from guard.hf_engine import TransformersEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
+from guard.samples import drawn_image
 from guard.server_engine import ServerConfig, ServerEngine
 from guard.types import EngineError, GuardEngine, ModerationItem
 from guard.vllm_engine import VllmConfig, VllmEngine
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize
-from workers.sample_feed import drawn_image
 
 P_CONFIDENT = math.exp(-0.05) / (math.exp(-0.05) + math.exp(-3.0))
 

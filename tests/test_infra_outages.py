@@ -18,13 +18,13 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from guard.samples import drawn_image, png_bytes
 from infra.stack import RedisServer, S3Server, free_port
 from schemas.events import ErrorCode, ImageRef
 from schemas.wire import CachedVerdict
 from tests.conftest import BUCKET, Services
 from workers.cache import CACHE_SKIPPED, CircuitBreaker, VerdictCache
 from workers.media import MediaError, MediaFetcher, MediaUnavailable, classify_client_error, make_s3_client
-from workers.sample_feed import drawn_image, png_bytes
 
 CAP = 40_000_000
 

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from guard.samples import drawn_image, png_bytes
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
 from workers.media import MAX_SIDE, MediaError, MediaFetcher, MediaUnavailable, decode_image, make_s3_client
-from workers.sample_feed import bomb_png, drawn_image, png_bytes
+from workers.sample_feed import bomb_png
 
 CAP = 40_000_000
 

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from guard.cpu import CpuEngine
+from guard.samples import drawn_image, png_bytes
 from schemas.codec import DecodeError, decode_post
 from schemas.events import ErrorCode
 from tests.conftest import BUCKET, Services
@@ -23,7 +24,7 @@ from tests.test_fuzz_decoder import seeds
 from tests.test_memory import png16_39mp
 from workers.app import build_worker
 from workers.cache import ContentKeyer
-from workers.sample_feed import drawn_image, png_bytes, post
+from workers.sample_feed import post
 from workers.settings import Settings
 from workers.topics import produce_all, read_topic
 

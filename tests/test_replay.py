@@ -11,11 +11,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from guard.cpu import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
+from guard.samples import TEXTS
 from schemas.events import AuditRecord
 from tests.conftest import Services
 from workers.app import build_moderator, build_worker
 from workers.replay import Replayer, export_decisions, parse_bound, render_markdown
-from workers.sample_feed import TEXTS, post
+from workers.sample_feed import post
 from workers.settings import Settings
 from workers.topics import read_records
 

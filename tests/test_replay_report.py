@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from guard.cpu import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
+from guard.samples import TEXTS
 from guard.taxonomy import Taxonomy
 from infra.stack import create_topics
 from schemas.events import AuditRecord, DecisionSummary
@@ -31,7 +32,7 @@ from workers.replay_report import (
     render_html,
     write_reports,
 )
-from workers.sample_feed import TEXTS, post
+from workers.sample_feed import post
 from workers.settings import Settings
 from workers.topics import produce_all, read_records
 

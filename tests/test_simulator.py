@@ -30,11 +30,12 @@ from bench.sim_server import SimServerProcess
 from guard.engines import EngineOptions, build_streaming_engine
 from guard.parser import parse_output
 from guard.prompts import PromptSet
+from guard.samples import drawn_image, png_bytes
 from guard.types import EngineDeadError, ModerationItem, Verdict
 from infra.stack import free_port
 from tests.conftest import BUCKET, Services
 from workers.app import build_worker
-from workers.sample_feed import drawn_image, png_bytes, post
+from workers.sample_feed import post
 from workers.settings import Settings
 from workers.topics import produce_all
 

@@ -21,6 +21,7 @@ from guard.chat import IMAGE_PLACEHOLDER, render_qwen2_5_vl
 from guard.engines import EngineKind, EngineOptions, build_streaming_engine
 from guard.parser import format_output
 from guard.prompts import PromptSet
+from guard.samples import drawn_image
 from guard.server_engine import AsyncServerEngine, ServerConfig
 from guard.streaming import MicroBatcher
 from guard.types import (
@@ -34,7 +35,6 @@ from guard.types import (
 from guard.vllm_engine import AsyncVllmEngine, VllmConfig
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize
-from workers.sample_feed import drawn_image
 
 T = TypeVar("T")
 P_CONFIDENT = math.exp(-0.05) / (math.exp(-0.05) + math.exp(-3.0))

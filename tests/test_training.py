@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 
 from guard.cpu import CpuEngine
 from guard.prompts import PromptSet
+from guard.samples import drawn_image, png_bytes
 from infra.stack import create_topics
 from schemas.events import ReviewEvent
 from tests.conftest import BUCKET, Services
@@ -27,7 +28,7 @@ from training.rewards import (
 )
 from training.synonyms import SynonymBank
 from workers.app import build_moderator, build_worker
-from workers.sample_feed import drawn_image, png_bytes, post
+from workers.sample_feed import post
 from workers.settings import Settings
 
 THINK = "<think>\nreasoning\n</think>\n"

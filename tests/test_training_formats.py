@@ -15,10 +15,11 @@ from rich.console import Console
 
 from guard.chat import render_qwen2_5_vl
 from guard.prompts import PromptSet
+from guard.samples import drawn_image
 from schemas.codec import decode_post
 from training import launch
 from training.export import ExportReport, Label, Sample, TrainingExporter
-from workers.sample_feed import drawn_image, post
+from workers.sample_feed import post
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 

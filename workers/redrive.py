@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 from confluent_kafka import Producer
 
-from infra.stack import create_topics
+from workers.kafka.admin import create_topics
 from workers.kafka_config import writer_config
 from workers.topics import read_records
 

@@ -54,7 +54,7 @@ def publish_reviews(
     bootstrap: str, topic: str, events: Sequence[ReviewEvent], extra: Mapping[str, str] | None = None
 ) -> None:
     """Publish to the reviews topic keyed by post id (the export keeps the latest label per post)."""
-    from infra.stack import create_topics
+    from workers.kafka.admin import create_topics
     from workers.topics import produce_all
 
     create_topics(bootstrap, {topic: 1}, extra=extra)

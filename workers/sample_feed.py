@@ -3,7 +3,6 @@ generated images, plus malformed and hostile events that must end up in the dead
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib
@@ -11,7 +10,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from guard.samples import TEXTS, drawn_image, png_bytes
 
 BUCKET = "guardstream-media"
 
@@ -22,31 +23,6 @@ class SeedPost:
     value: bytes
     expect: str  # "verdict" or a dead-letter error code
     note: str
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def drawn_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    """A deterministic synthetic picture (shapes on a gradient); ``seed`` makes each one distinct."""
-    w, h = size
-    img = Image.new("RGB", size)
-    px = img.load()
-    assert px is not None
-    for y in range(h):
-        for x in range(0, w, 4):
-            c = ((x * 255) // w, (y * 255) // h, (seed * 37) % 256)
-            for dx in range(4):
-                if x + dx < w:
-                    px[x + dx, y] = c
-    d = ImageDraw.Draw(img)
-    for i in range(3):
-        x0, y0 = (seed * 53 + i * 71) % (w - 60), (seed * 29 + i * 47) % (h - 60)
-        d.ellipse([x0, y0, x0 + 50, y0 + 50], fill=((seed * 91 + i * 60) % 256, 80, 160))
-    return img
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -79,18 +55,6 @@ def post(
     }
     obj.update(extra)
     return json.dumps(obj).encode()
-
-
-TEXTS: list[tuple[str, str]] = [
-    ("safe", "Had a great time at the beach with the kids today!"),
-    ("safe", "Anyone know a good pizza place downtown?"),
-    ("safe", "Just baked cookies with grandma, recipe in the comments"),
-    ("unsafe", "Selling unregistered handguns and ammo, no questions asked, DM me"),
-    ("unsafe", "Buy cocaine and MDMA here, fast discreet shipping"),
-    ("unsafe", "Click this link to claim your free prize, just enter your bank password"),
-    ("unsafe", "Download the full new superhero movie free, pirated HD copy here"),
-    ("unsafe", "Step by step guide to make ransomware that encrypts hospital files"),
-]
 
 
 def build_feed(bucket: str = BUCKET, now: datetime | None = None) -> tuple[list[SeedPost], dict[str, bytes]]:

@@ -213,7 +213,7 @@ class Ingester:
         return Consumer(consumer_config(self.s.model_copy(update={"group_id": self.s.console_group_id})))
 
     def run(self) -> None:
-        from infra.stack import create_topics
+        from workers.kafka.admin import create_topics
 
         create_topics(
             self.s.bootstrap_servers,

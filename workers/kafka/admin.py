@@ -1,0 +1,36 @@
+"""Topic creation: the worker, the console, redrive and the review ledger create the topics they own.
+
+It lives here (not in ``infra.stack``) so that production code never imports the embedded local stack;
+``infra.stack`` re-exports it for the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class TopicCreationError(RuntimeError):
+    """A topic could not be created (other than because it already exists)."""
+
+
+def create_topics(
+    bootstrap: str,
+    topics: dict[str, int],
+    timeout_s: float = 15.0,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    from workers.kafka_config import admin_config  # the one place client security settings come from
+
+    admin = AdminClient(admin_config(bootstrap, extra))
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+    if not new:
+        return
+    for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            fut.result(timeout_s)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise TopicCreationError(f"cannot create topic {name}: {exc}") from exc
