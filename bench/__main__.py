@@ -44,13 +44,13 @@ from guard.types import GuardEngine
 from infra.stack import Broker, RedisServer, S3Server, create_topics, ensure_bucket, free_port
 from schemas.codec import decode_post
 from schemas.wire import ScoresWire, VerdictWire, encode
-from workers.app import build_moderator, build_worker
 from workers.cache import ContentKeyer, VerdictCache
-from workers.core import Outcome, Record
-from workers.logging import configure_logging
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all
+from workers.observability.logging import configure_logging
+from workers.pipeline.moderator import Outcome, Record
 from workers.settings import Settings
-from workers.topics import produce_all
+from workers.wiring import build_moderator, build_worker
 
 console = Console(width=max(Console().width, 150))  # the tables are wide; a pipe is not a terminal
 BUCKET = "guardstream-media"

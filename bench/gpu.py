@@ -8,7 +8,7 @@ the worker fetches from the real S3 server:
 
 - **capacity**: an ideal client (always 2 × max_num_seqs requests outstanding, every request prepared
   before the clock starts) straight on the simulator's interface — what the simulated GPU delivers;
-- **worker**: the streaming worker with default settings (``workers.app.build_worker``: real broker,
+- **worker**: the streaming worker with default settings (``workers.wiring.build_worker``: real broker,
   S3, Redis) draining a backlog of the same posts;
 - **static batches of 32**: the batch-synchronous pattern (submit 32, wait for all of them, repeat) on
   the same simulator — what the old worker's barrier costs.
@@ -59,9 +59,9 @@ from guard.taxonomy import Taxonomy
 from guard.types import ModerationItem
 from guard.vllm_engine import build_request
 from infra.stack import free_port
-from workers.app import build_worker
-from workers.core import Outcome
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.pipeline.moderator import Outcome
+from workers.wiring import build_worker
 
 if TYPE_CHECKING:
     from bench.__main__ import Env
@@ -414,7 +414,7 @@ def restamp(value: bytes) -> bytes:
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    from workers.topics import produce_all
+    from workers.kafka.topics import produce_all
 
     produce_all(bootstrap, topic, [(None, v) for v in values])
 

@@ -18,10 +18,10 @@ import pytest
 from infra.stack import create_topics
 from schemas.events import AlertEvent
 from tests.conftest import Services
-from workers.alerts import describe, read_clusters
-from workers.clustering import ClusterConfig, add, check_alert, merge_near_duplicates
+from workers.alerts.app import describe, read_clusters
+from workers.alerts.clustering import ClusterConfig, add, check_alert, merge_near_duplicates
+from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
-from workers.topics import produce_all, read_topic
 
 T = datetime(2026, 6, 1, 12, 5, tzinfo=UTC)  # every planted post falls in the 12:00-13:00 window
 BURST = [

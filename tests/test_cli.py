@@ -20,9 +20,9 @@ import yaml
 from tests.conftest import BUCKET, Services
 from workers.cli import main
 from workers.cli.base import CliError, read_config_file
+from workers.kafka.topics import read_topic
 from workers.preflight import check_settings
 from workers.settings import Settings
-from workers.topics import read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "workers.cli"]
@@ -277,7 +277,7 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
     settings: Settings, services: Services, cpu_engine: Any, tmp_path: Path
 ) -> None:
     from guard.samples import drawn_image, png_bytes
-    from workers.app import build_worker
+    from workers.wiring import build_worker
 
     pics = tmp_path / "pics"
     pics.mkdir()

@@ -81,7 +81,7 @@ def verdict(pid: str, *, safe: bool | None, p: float | None = None, **kw: Any) -
 
 
 def post_bytes(pid: str, text: str | None, images: list[str] | None = None) -> bytes:
-    from workers.sample_feed import post
+    from workers.demo.sample_feed import post
 
     return post(pid, "u1", text, images or [], at=NOW)
 

@@ -27,13 +27,13 @@ from schemas.events import AlertEvent, ReviewEvent, WindowCount
 from tests.conftest import BUCKET, Services
 from tests.test_console import ALICE, console_settings
 from training.export import TrainingExporter, parse_ratios
-from workers.app import build_fetcher, build_moderator, build_worker
+from workers.audit.replay import Replayer
 from workers.console.server import ConsoleServer
 from workers.console.store import Filters
-from workers.replay import Replayer
-from workers.sample_feed import build_feed, planted_burst
+from workers.demo.sample_feed import build_feed, planted_burst
+from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
-from workers.topics import produce_all, read_topic
+from workers.wiring import build_fetcher, build_moderator, build_worker
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 

@@ -16,11 +16,11 @@ from guard.samples import drawn_image, png_bytes
 from schemas.events import DeadLetterEvent, ErrorCode, VerdictEvent
 from tests.conftest import BUCKET, Services
 from tests.engines import PoisonEngine, RawOutputEngine
-from workers.app import build_moderator
 from workers.cache import VerdictCache
-from workers.core import Moderator, Record
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.pipeline.moderator import Moderator, Record
 from workers.settings import ParseErrorPolicy, Settings
+from workers.wiring import build_moderator
 
 pytestmark = pytest.mark.integration
 

@@ -69,7 +69,7 @@ def test_threshold_is_respected(prompts: PromptSet, cpu_engine: CpuEngine) -> No
 
 
 def test_out_of_taxonomy_harm_becomes_a_novel_risk(cpu_engine: CpuEngine) -> None:
-    from workers.sample_feed import BURST_TEXTS
+    from workers.demo.sample_feed import BURST_TEXTS
 
     verdicts = cpu_engine.moderate([ModerationItem(str(i), t) for i, t in enumerate(BURST_TEXTS)])
     novel = [(v, t) for v, t in zip(verdicts, BURST_TEXTS, strict=True) if v.safe is False and v.novel_risk]

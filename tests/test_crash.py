@@ -25,10 +25,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from guard.cpu import CpuEngine
 from tests.conftest import Services
-from workers.app import build_worker
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
-from workers.topics import produce_all, read_topic
+from workers.wiring import build_worker
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,8 @@
 """The Grafana dashboard and the Prometheus alert rules reference only metrics the worker exports.
 
 Names are taken from every PromQL expression (``guardstream_\\w+``) and resolved against the live
-registry after importing ``workers.metrics`` and ``workers.build_info``: a counter ``x`` is exposed as
+registry after importing ``workers.observability.metrics`` and ``workers.observability.build_info``:
+a counter ``x`` is exposed as
 ``x_total``, a histogram ``x`` as ``x_bucket``/``x_sum``/``x_count``, a gauge as ``x``. Label matchers
 (``name{label=...}``) and grouping labels (``by (label)``) must be labels of the metric they apply to.
 """
@@ -19,10 +20,10 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import workers.build_info as build_info
-import workers.metrics  # noqa: F401  (registers the worker's metrics)
+import workers.observability.build_info as build_info
+import workers.observability.metrics  # noqa: F401  (registers the worker's metrics)
 from infra.stack import free_port
-from workers.metrics import start_metrics_server
+from workers.observability.metrics import start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "infra/grafana/guardstream.json"

@@ -344,9 +344,9 @@ def test_canned_answers_are_valid_json_roundtrip() -> None:
 def test_worker_with_server_engine_routes_novel_risks(
     server: ChatServer, settings: Any, services: Any
 ) -> None:
-    from workers.app import build_worker
-    from workers.sample_feed import post
-    from workers.topics import produce_all, read_topic
+    from workers.demo.sample_feed import post
+    from workers.kafka.topics import produce_all, read_topic
+    from workers.wiring import build_worker
 
     posts = [
         post("n1", "a1", "try the blackout challenge tonight"),

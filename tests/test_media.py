@@ -15,8 +15,8 @@ from PIL import Image
 from guard.samples import drawn_image, png_bytes
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
+from workers.demo.sample_feed import bomb_png
 from workers.media import MAX_SIDE, MediaError, MediaFetcher, MediaUnavailable, decode_image, make_s3_client
-from workers.sample_feed import bomb_png
 
 CAP = 40_000_000
 

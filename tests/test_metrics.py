@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from workers.metrics import E2E_LATENCY, observe_many
+from workers.observability.metrics import E2E_LATENCY, observe_many
 
 BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 values = st.lists(

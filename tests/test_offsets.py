@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.offsets import Offsets, OffsetTracker
+from workers.kafka.offsets import Offsets, OffsetTracker
 
 TP = ("posts", 0)
 

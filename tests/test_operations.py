@@ -15,11 +15,11 @@ from confluent_kafka import TopicPartition
 from guard.cpu import CpuEngine
 from infra.stack import free_port
 from tests.conftest import Services
-from workers.app import build_worker
-from workers.metrics import HEALTH, start_metrics_server
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all
+from workers.observability.metrics import HEALTH, start_metrics_server
 from workers.settings import Settings
-from workers.topics import produce_all
+from workers.wiring import build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
     logs and exports it when the group has lag while it holds nothing."""
     from structlog.testing import capture_logs
 
-    from workers import metrics
+    from workers.observability import metrics
 
     port = free_port()
     server = start_metrics_server(port, host="127.0.0.1")
@@ -120,7 +120,7 @@ def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
 ) -> None:
     """Right after an assignment the position is unknown; the lag then comes from the committed offset
     (it used to count the whole partition as lag)."""
-    from workers import metrics
+    from workers.observability import metrics
 
     produce_all(
         settings.bootstrap_servers,

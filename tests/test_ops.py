@@ -24,12 +24,12 @@ from guard.cpu import CpuEngine
 from infra.stack import LocalStack, create_topics, free_port
 from schemas.events import json_schemas
 from tests.conftest import Services
-from workers.app import build_worker
-from workers.kafka_config import base_config
-from workers.logging import KafkaLogRouter
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.config import base_config
+from workers.kafka.topics import produce_all
+from workers.observability.logging import KafkaLogRouter
 from workers.settings import Settings
-from workers.topics import produce_all
+from workers.wiring import build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

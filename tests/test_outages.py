@@ -19,12 +19,12 @@ from guard.cpu import CpuEngine
 from infra.stack import Broker, create_topics, ensure_bucket
 from tests.conftest import Services
 from tests.engines import GatedEngine
-from workers.app import build_worker
-from workers.core import Outcome
-from workers.runner import BrokerUnavailable, KafkaWorker
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_records, read_topic
+from workers.kafka.worker import BrokerUnavailable, KafkaWorker
+from workers.pipeline.moderator import Outcome
 from workers.settings import Settings
-from workers.topics import produce_all, read_records, read_topic
+from workers.wiring import build_worker
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 from guard.cpu import CpuEngine
 from tests.conftest import Services
-from workers.app import build_worker
-from workers.runner import PublishError
-from workers.sample_feed import build_feed, post
+from workers.demo.sample_feed import build_feed, post
+from workers.kafka.topics import end_offsets as topic_end_offsets
+from workers.kafka.topics import produce_all, read_records, read_topic
+from workers.kafka.worker import PublishError
 from workers.settings import Settings
-from workers.topics import end_offsets as topic_end_offsets
-from workers.topics import produce_all, read_records, read_topic
+from workers.wiring import build_worker
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,7 @@ def test_sigterm_drains_in_flight_work(settings: Settings, services: Services, t
     assert sum(max(o, 0) for o in done.values()) == len(verdicts)
     print(f"sigterm: {n} posts, {len(verdicts)} published and committed before shutdown")
     # ...and a restart finishes the rest without duplicates
-    from workers.app import build_worker as bw
+    from workers.wiring import build_worker as bw
 
     bw(settings.model_copy(update={"cache_enabled": False})).run(until_drained=True)
     verdicts, _, _ = outputs(settings)

@@ -22,11 +22,11 @@ from schemas.events import ErrorCode
 from tests.conftest import BUCKET, Services
 from tests.test_fuzz_decoder import seeds
 from tests.test_memory import png16_39mp
-from workers.app import build_worker
 from workers.cache import ContentKeyer
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
-from workers.topics import produce_all, read_topic
+from workers.wiring import build_worker
 
 
 def test_lone_surrogate_is_refused_at_decode_with_a_stable_code() -> None:

@@ -18,11 +18,11 @@ import pytest
 from guard.cpu import CpuEngine
 from guard.samples import drawn_image, png_bytes
 from tests.conftest import BUCKET, Services
-from workers.app import build_worker
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.redrive import HEADER_OF, HEADER_SOURCE, ledger_topic, redrive
-from workers.sample_feed import post
 from workers.settings import Settings
-from workers.topics import produce_all, read_records, read_topic
+from workers.wiring import build_worker
 
 pytestmark = pytest.mark.integration
 

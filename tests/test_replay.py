@@ -14,11 +14,11 @@ from guard.prompts import PromptSet
 from guard.samples import TEXTS
 from schemas.events import AuditRecord
 from tests.conftest import Services
-from workers.app import build_moderator, build_worker
-from workers.replay import Replayer, export_decisions, parse_bound, render_markdown
-from workers.sample_feed import post
+from workers.audit.replay import Replayer, export_decisions, parse_bound, render_markdown
+from workers.demo.sample_feed import post
+from workers.kafka.topics import read_records
 from workers.settings import Settings
-from workers.topics import read_records
+from workers.wiring import build_moderator, build_worker
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

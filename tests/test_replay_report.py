@@ -22,9 +22,8 @@ from guard.taxonomy import Taxonomy
 from infra.stack import create_topics
 from schemas.events import AuditRecord, DecisionSummary
 from tests.conftest import Services
-from workers.app import build_moderator, build_worker
-from workers.replay import Replayer, ReplayReport
-from workers.replay_report import (
+from workers.audit.replay import Replayer, ReplayReport
+from workers.audit.replay_report import (
     ReportContext,
     cumulative,
     estimate_total,
@@ -32,9 +31,10 @@ from workers.replay_report import (
     render_html,
     write_reports,
 )
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_records
 from workers.settings import Settings
-from workers.topics import produce_all, read_records
+from workers.wiring import build_moderator, build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "Grandma's <b>garden</b> party & <script>alert(1)</script> tonight"

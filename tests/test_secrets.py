@@ -15,7 +15,7 @@ import redis
 import structlog
 
 from infra.stack import RedisServer, free_port
-from workers.logging import configure_logging
+from workers.observability.logging import configure_logging
 from workers.secrets import mask_url, mask_urls_in
 
 PLANTED = "pl4nted-s3cret-Zq9"

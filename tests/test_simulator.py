@@ -34,10 +34,10 @@ from guard.samples import drawn_image, png_bytes
 from guard.types import EngineDeadError, ModerationItem, Verdict
 from infra.stack import free_port
 from tests.conftest import BUCKET, Services
-from workers.app import build_worker
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all
 from workers.settings import Settings
-from workers.topics import produce_all
+from workers.wiring import build_worker
 
 FAST = SimConfig(time_scale=0.0)  # steps as fast as the loop turns; modelled time still counts
 
@@ -201,7 +201,7 @@ def test_http_server_drives_the_server_engine(prompts: PromptSet) -> None:
 
 
 def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Settings) -> None:
-    """The streaming worker (workers.app wiring, real broker, S3 and Redis) on the in-process vllm
+    """The streaming worker (workers.wiring wiring, real broker, S3 and Redis) on the in-process vllm
     engine over the AsyncLLM stand-in: every post gets exactly one outcome, image posts are fetched and
     judged, and the worker keeps more than max_num_seqs outstanding, so the simulated GPU runs a full
     batch with requests waiting — the batch design (32 at a time) could never reach either."""

@@ -31,13 +31,13 @@ from guard.types import EngineDeadError, ModerationItem, Verdict
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
-from workers.app import build_worker
-from workers.core import Moderator, Record
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_records, read_topic
+from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
-from workers.runner import EngineUnavailable, KafkaWorker, MediaOutage
-from workers.sample_feed import post
+from workers.pipeline.moderator import Moderator, Record
 from workers.settings import Settings
-from workers.topics import produce_all, read_records, read_topic
+from workers.wiring import build_worker
 
 # ------------------------------------------------------------------ engine doubles
 
@@ -263,7 +263,7 @@ def _latency(pid: str) -> float:
 
 def slow_worker_main() -> None:
     """Entry point of the subprocess killed by the crash test: the real worker, a slow fake engine."""
-    from workers.metrics import start_metrics_server
+    from workers.observability.metrics import start_metrics_server
 
     s = Settings()
     if s.metrics_port:

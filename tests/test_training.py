@@ -27,9 +27,9 @@ from training.rewards import (
     total_reward,
 )
 from training.synonyms import SynonymBank
-from workers.app import build_moderator, build_worker
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
 from workers.settings import Settings
+from workers.wiring import build_moderator, build_worker
 
 THINK = "<think>\nreasoning\n</think>\n"
 

@@ -19,7 +19,7 @@ from guard.samples import drawn_image
 from schemas.codec import decode_post
 from training import launch
 from training.export import ExportReport, Label, Sample, TrainingExporter
-from workers.sample_feed import post
+from workers.demo.sample_feed import post
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 

@@ -39,8 +39,8 @@ from guard.prompts import PromptSet
 from schemas.codec import DecodeError, decode_post
 from schemas.events import Modality, PostEvent, ReviewEvent, VerdictEvent
 from training.synonyms import SynonymBank
+from workers.kafka.topics import read_records
 from workers.media import MediaError, MediaFetcher
-from workers.topics import read_records
 
 MODALITY_NAMES = {Modality.TEXT: "text", Modality.IMAGE: "image", Modality.TEXT_IMAGE: "text-image"}
 

@@ -11,7 +11,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from schemas.wire import CachedVerdict, decode_cached, encode
-from workers import metrics
+from workers.observability import metrics
 
 log = structlog.get_logger(__name__)
 KEY_PREFIX = "guardstream:verdict:v1:"
@@ -55,7 +55,8 @@ class ContentKeyer:
         return h.hexdigest()
 
 
-# Defined here, not in workers/metrics.py, so the breaker is one self-contained piece (same registry).
+# Defined here, not in workers/observability/metrics.py, so the breaker is one self-contained piece
+# (same registry).
 CACHE_BREAKER_OPEN = Gauge(
     "guardstream_cache_breaker_open", "1 while the Redis circuit breaker is open (cache skipped)"
 )

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from guard.engines import EngineKind
 from guard.types import GuardEngine, ModerationItem
-from workers.kafka_config import admin_config
+from workers.kafka.config import admin_config
 from workers.secrets import mask_url, mask_urls_in
 from workers.settings import Settings
 

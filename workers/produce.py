@@ -110,7 +110,7 @@ def _upload_ref(ref: object, n: int, bucket: str, base_dir: Path, upload: Upload
 def sample_posts(n: int, bucket: str, upload: Upload) -> list[tuple[bytes | None, bytes]]:
     """The first ``n`` posts of the demo's sample feed (text, image, text+image and hostile events that
     must be dead-lettered), with its images uploaded to ``bucket``."""
-    from workers.sample_feed import build_feed
+    from workers.demo.sample_feed import build_feed
 
     feed, objects = build_feed(bucket)
     if n > len(feed):

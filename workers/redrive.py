@@ -24,8 +24,8 @@ import structlog
 from confluent_kafka import Producer
 
 from workers.kafka.admin import create_topics
-from workers.kafka_config import writer_config
-from workers.topics import read_records
+from workers.kafka.config import writer_config
+from workers.kafka.topics import read_records
 
 log = structlog.get_logger(__name__)
 

@@ -55,7 +55,7 @@ def publish_reviews(
 ) -> None:
     """Publish to the reviews topic keyed by post id (the export keeps the latest label per post)."""
     from workers.kafka.admin import create_topics
-    from workers.topics import produce_all
+    from workers.kafka.topics import produce_all
 
     create_topics(bootstrap, {topic: 1}, extra=extra)
     produce_all(

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from guard.engines import EngineKind, EngineOptions
-from workers.clustering import ClusterConfig
+from workers.alerts.clustering import ClusterConfig
 
 
 class DeliveryMode(StrEnum):

@@ -1,7 +1,7 @@
 """Follow the output topics (``guardstream tail``): verdicts, dead letters, alerts.
 
 A reader by assignment (no consumer group: tailing never moves the worker's offsets or joins a group),
-built by ``workers.kafka_config.reader_config`` so ``kafka_extra`` (TLS/SASL) applies. It reads
+built by ``workers.kafka.config.reader_config`` so ``kafka_extra`` (TLS/SASL) applies. It reads
 committed records only, as a downstream consumer of an exactly-once worker would.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
-from workers.kafka_config import reader_config
+from workers.kafka.config import reader_config
 from workers.settings import Settings
 
 KINDS = ("verdicts", "dead-letters", "alerts")

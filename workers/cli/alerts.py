@@ -14,7 +14,7 @@ from workers.cli.render import clusters_table, terminal
 def alerts(bootstrap_servers: BootstrapOpt = None) -> int:
     """Run the emerging-risk alerts app (faust) over the novel-risk topic until SIGTERM."""
     from infra.stack import create_topics
-    from workers.alerts import run_app
+    from workers.alerts.app import run_app
 
     s = load_settings(bootstrap_servers=bootstrap_servers)
     create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
@@ -28,7 +28,7 @@ def clusters(
     limit: Annotated[int, typer.Option(help="Show at most this many clusters (largest first).", min=1)] = 30,
 ) -> int:
     """Print the alerts app's current clusters (from its changelog)."""
-    from workers.alerts import read_clusters
+    from workers.alerts.app import read_clusters
 
     s = load_settings(bootstrap_servers=bootstrap_servers)
     cfg = s.cluster_config()

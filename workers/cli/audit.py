@@ -33,7 +33,7 @@ Bound = int | datetime | None
 
 def parse_bound_opt(text: str | None, flag: str, times_only: bool = False) -> Bound:
     """``--from``/``--to``: an offset or an ISO-8601 time; a bad value is one line naming the flag."""
-    from workers.replay import parse_bound
+    from workers.audit.replay import parse_bound
 
     try:
         b = parse_bound(text)
@@ -74,14 +74,14 @@ def run_replay(
     report_path: Path,
 ) -> int:
     """Re-moderate a range of a topic; write audit records, the cumulative Markdown + HTML reports of the
-    replay id (``workers/replay_report.py``) and a terminal table. Ctrl-C prints the resume command."""
+    replay id (``workers/audit/replay_report.py``) and a terminal table. Ctrl-C prints the resume command."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from guard.taxonomy import Taxonomy
     from infra.stack import create_topics
-    from workers.app import build_moderator
-    from workers.replay import Replayer
-    from workers.replay_report import ReportContext, estimate_total, write_reports
+    from workers.audit.replay import Replayer
+    from workers.audit.replay_report import ReportContext, estimate_total, write_reports
+    from workers.wiring import build_moderator
 
     lo, hi = parse_bound_opt(start, "--from"), parse_bound_opt(end, "--to")
     check_range(lo, hi)
@@ -218,7 +218,7 @@ def replay(
     ] = None,
 ) -> int:
     """Re-moderate a topic range; write audit records and a report."""
-    from workers.replay import new_replay_id
+    from workers.audit.replay import new_replay_id
 
     s = load_settings(
         bootstrap_servers=bootstrap_servers,
@@ -258,7 +258,7 @@ def audit_export(
     author: Annotated[str | None, typer.Option(help="Only this author_id.", show_default="all")] = None,
 ) -> int:
     """Export decisions from the verdicts topic as JSONL."""
-    from workers.replay import export_decisions
+    from workers.audit.replay import export_decisions
 
     s = load_settings(bootstrap_servers=bootstrap_servers)
     lo, hi = time_range(start, end)

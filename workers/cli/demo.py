@@ -58,10 +58,10 @@ def demo(
     import boto3
 
     from infra.stack import LocalStack, StackError, create_topics, ensure_bucket, free_port
-    from workers.app import build_worker
     from workers.cli.base import writable_dir, writable_file
-    from workers.sample_feed import build_feed
-    from workers.topics import produce_all, read_topic
+    from workers.demo.sample_feed import build_feed
+    from workers.kafka.topics import produce_all, read_topic
+    from workers.wiring import build_worker
 
     out = terminal()
     overrides: dict[str, Any] = {
@@ -101,7 +101,7 @@ def demo(
         feed, objects = build_feed(s.allowed_buckets[0])
         alerts_proc = None
         if alerts:
-            from workers.sample_feed import planted_burst
+            from workers.demo.sample_feed import planted_burst
 
             feed += planted_burst()
             alerts_proc = start_alerts_subprocess(s)
@@ -199,7 +199,7 @@ def show_alert(s: Settings, proc: subprocess.Popen[bytes], out: Console) -> None
     """Wait (bounded) for the alerts app to publish an alert for the planted burst, then print it."""
     import signal
 
-    from workers.topics import read_topic
+    from workers.kafka.topics import read_topic
 
     deadline = time.monotonic() + 120
     alerts: list[dict[str, Any]] = []
@@ -222,7 +222,7 @@ def demo_export(s: Settings, out_dir: Path, out: Console) -> None:
     from training import launch
     from training.export import parse_ratios
     from workers.cli.labels import training_exporter
-    from workers.topics import produce_all
+    from workers.kafka.topics import produce_all
 
     reviews = [
         ReviewEvent(post_id="demo-image-0", unsafe=False, reviewer_id="demo-reviewer"),

@@ -36,7 +36,7 @@ def training_exporter(s: Settings) -> TrainingExporter:
     from guard.prompts import PromptSet
     from guard.taxonomy import Taxonomy
     from training.export import TrainingExporter
-    from workers.app import build_fetcher
+    from workers.wiring import build_fetcher
 
     return TrainingExporter(
         s.bootstrap_servers,

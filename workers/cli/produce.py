@@ -37,9 +37,9 @@ def produce(
     rewritten to s3://bucket/key."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from workers.kafka.topics import produce_all
     from workers.media import make_s3_client
     from workers.produce import ProduceError, prepare_posts, sample_posts
-    from workers.topics import produce_all
 
     if sample is not None and source is not None:
         raise CliError("give either a file of posts or --sample N, not both")

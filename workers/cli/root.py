@@ -12,7 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from workers.cli.base import app, apply_config_file
-from workers.logging import configure_logging
+from workers.observability.logging import configure_logging
 from workers.settings import Settings
 
 

@@ -40,7 +40,7 @@ def ensure_topics(
     """Create the topics that do not exist; returns (created, already there with their partitions)."""
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    from workers.kafka_config import admin_config
+    from workers.kafka.config import admin_config
 
     admin = AdminClient({"log_level": 2, **admin_config(s.bootstrap_servers, s.kafka_extra)})
     try:

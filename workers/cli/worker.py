@@ -50,10 +50,10 @@ def worker(
     ] = False,
 ) -> int:
     """Run the moderation worker (SIGTERM/Ctrl-C: finish the batch, commit, exit 0)."""
-    from workers.app import build_worker
+    from workers.kafka.worker import PublishError, Unavailable
     from workers.media import MediaUnavailable
-    from workers.metrics import start_metrics_server
-    from workers.runner import PublishError, Unavailable
+    from workers.observability.metrics import start_metrics_server
+    from workers.wiring import build_worker
 
     s = load_settings(
         bootstrap_servers=bootstrap_servers,
@@ -69,7 +69,7 @@ def worker(
     if not skip_preflight:
         _preflight_or_exit(s)
     if s.metrics_port:
-        from workers.build_info import record_build_info
+        from workers.observability.build_info import record_build_info
 
         record_build_info(s.engine.value)  # guardstream_build_info{version, engine, ...} for the dashboard
         start_metrics_server(s.metrics_port, s.metrics_host)

@@ -508,7 +508,7 @@ def _ago(t: Any) -> str:
 
 
 def build_console(settings: ConsoleSettings, *, publish: Callable[[Any], None] | None = None) -> Console:
-    from workers.app import build_fetcher
+    from workers.wiring import build_fetcher
 
     tokens = settings.tokens
     if not tokens and not settings.console_reviewer_header:

@@ -13,7 +13,7 @@ import structlog
 
 from schemas.events import AuditRecord
 from workers.console.settings import ConsoleSettings
-from workers.topics import read_records
+from workers.kafka.topics import read_records
 
 log = structlog.get_logger(__name__)
 MAX_LISTED = 500

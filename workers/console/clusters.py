@@ -73,7 +73,7 @@ class ClusterView:
         with self._lock:
             if time.monotonic() - self._at < self.ttl_s:
                 return self._live
-            from workers.alerts import read_clusters
+            from workers.alerts.app import read_clusters
 
             out: dict[str, ClusterRow] = {}
             try:

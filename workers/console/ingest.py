@@ -108,7 +108,7 @@ class RecordFetcher:
     """Reads single records by (topic, partition, offset) with one long-lived assign-only consumer."""
 
     def __init__(self, bootstrap: str, extra: dict[str, str] | None = None) -> None:
-        from workers.kafka_config import base_config
+        from workers.kafka.config import base_config
 
         self._c = Consumer(
             {
@@ -207,7 +207,7 @@ class Ingester:
 
     # ------------------------------------------------------------------ the loop
     def _consumer(self) -> Consumer:
-        from workers.kafka_config import consumer_config
+        from workers.kafka.config import consumer_config
 
         # the worker's consumer settings (kafka_extra included) under the console's own group
         return Consumer(consumer_config(self.s.model_copy(update={"group_id": self.s.console_group_id})))

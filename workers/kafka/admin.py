@@ -21,7 +21,7 @@ def create_topics(
 ) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    from workers.kafka_config import admin_config  # the one place client security settings come from
+    from workers.kafka.config import admin_config  # the one place client security settings come from
 
     admin = AdminClient(admin_config(bootstrap, extra))
     existing = set(admin.list_topics(timeout=timeout_s).topics)

@@ -1,6 +1,6 @@
 """Replay reports people read: cumulative per replay id, as Markdown and as one self-contained HTML file.
 
-A replay's audit records are its checkpoint (``workers/replay.py``), so the report is built from *all*
+A replay's audit records are its checkpoint (``workers/audit/replay.py``), so the report is built from *all*
 audit records of the replay id on the audit topic, not from the counters of the run that just ended: a
 resumed run, or a re-run of a finished replay (which writes nothing), still reports every post of the
 replay instead of zeros or only the resumed part. The run's own counts (posts scanned, skipped as already
@@ -24,9 +24,9 @@ from confluent_kafka import Consumer, TopicPartition
 from guard.taxonomy import Taxonomy
 from schemas.codec import DecodeError, decode_post
 from schemas.events import AuditRecord, DecisionSummary
-from workers.kafka_config import reader_config
-from workers.replay import Bound, ReplayReport, render_markdown
-from workers.topics import read_records
+from workers.audit.replay import Bound, ReplayReport, render_markdown
+from workers.kafka.config import reader_config
+from workers.kafka.topics import read_records
 
 EXAMPLES_PER_KIND = 5
 TEXT_CHARS = 600
@@ -99,7 +99,7 @@ def post_texts(
 
 def _true_end(c: Consumer, topic: str, partition: int, high: int) -> int:
     """The partition's real next offset. Tansu reports the high watermark as the base offset of the last
-    record batch + 1 (see ``workers.topics.read_records``), so read from there to the end: one record on
+    record batch + 1 (see ``workers.kafka.topics.read_records``), so read from there to the end: one record on
     Apache Kafka, at most one batch on Tansu."""
     if high <= 0:
         return high

@@ -23,9 +23,9 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.events import AuditRecord, DeadLetterEvent, DecisionSummary, VerdictEvent
-from workers.core import Moderator, Outcome, Record
-from workers.kafka_config import reader_config, writer_config
-from workers.topics import read_records
+from workers.kafka.config import reader_config, writer_config
+from workers.kafka.topics import read_records
+from workers.pipeline.moderator import Moderator, Outcome, Record
 
 Bound = int | datetime | None
 

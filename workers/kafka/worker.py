@@ -1,12 +1,13 @@
 """The Kafka side of the streaming worker.
 
 One path for every engine. The main thread owns the confluent-kafka consumer and producer; an asyncio
-loop on the engine thread (``workers.engine_loop``) awaits ``StreamingEngine.judge`` once per cache miss,
+loop on the engine thread (``workers.pipeline.engine_loop``) awaits ``StreamingEngine.judge`` once per cache
+miss,
 up to ``MAX_IN_FLIGHT`` outstanding, and each finished request comes back to the main thread through a
 queue and is published the moment it returns. Cache hits and dead letters are published as soon as they
 are prepared: they never wait behind engine work.
 
-Offsets (``workers.offsets``): each record enters its partition's ``OffsetTracker`` when consumed and is
+Offsets (``workers.kafka.offsets``): each record enters its partition's ``OffsetTracker`` when consumed and is
 complete when the broker acknowledged every one of its outputs (verdict, novel-risk copy or dead letter).
 Every ``COMMIT_INTERVAL_MS`` (and on revoke and shutdown) each partition is committed at its watermark,
 the first incomplete offset: never past a record whose outputs might not be on the broker. A crash
@@ -57,11 +58,11 @@ from confluent_kafka import (
 
 from guard.types import EngineDeadError, StreamingEngine, Verdict
 from schemas.events import ErrorCode
-from workers import metrics
-from workers.core import Moderator, Outcome, Output, Prepared, Record, shrink_output
-from workers.engine_loop import EngineLoop, Failure
-from workers.kafka_config import consumer_config, producer_config
-from workers.offsets import TP, Offsets
+from workers.kafka.config import consumer_config, producer_config
+from workers.kafka.offsets import TP, Offsets
+from workers.observability import metrics
+from workers.pipeline.engine_loop import EngineLoop, Failure
+from workers.pipeline.moderator import Moderator, Outcome, Output, Prepared, Record, shrink_output
 from workers.settings import DeliveryMode, Settings
 
 log = structlog.get_logger(__name__)

@@ -1,6 +1,6 @@
 """``guardstream_build_info`` and the readiness/liveness gauges, registered on import.
 
-Kept out of ``workers/metrics.py`` so the dashboard and alert rules (``infra/grafana/``,
+Kept out of ``workers/observability/metrics.py`` so the dashboard and alert rules (``infra/grafana/``,
 ``infra/prometheus/``) can rely on them without touching the hot-path metrics module:
 
 - ``guardstream_build_info{version, engine, python}`` = 1: which release and engine a scrape target runs
@@ -8,8 +8,8 @@ Kept out of ``workers/metrics.py`` so the dashboard and alert rules (``infra/gra
   the configured one (``GUARDSTREAM_ENGINE``) at import and is replaced by ``record_build_info`` when the
   worker has built its engine.
 - ``guardstream_ready`` / ``guardstream_alive``: ``/readyz`` and ``/healthz`` as series, read from
-  ``workers.metrics.HEALTH`` at scrape time, so "worker not ready" can be alerted on (an unanswered
-  ``/readyz`` is invisible to Prometheus otherwise).
+  ``workers.observability.metrics.HEALTH`` at scrape time, so "worker not ready" can be alerted on (an
+  unanswered ``/readyz`` is invisible to Prometheus otherwise).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.metrics import HEALTH
+from workers.observability.metrics import HEALTH
 
 
 def package_version() -> str:

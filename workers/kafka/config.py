@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from workers.logging import kafka_logger
+from workers.observability.logging import kafka_logger
 from workers.settings import Settings
 
 
 def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
-    # librdkafka's log lines through structlog, rate-limited (workers/logging.py), not raw on stderr
+    # librdkafka's log lines through structlog, rate-limited (workers/observability/logging.py),
+    # not raw on stderr
     cfg: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "log.connection.close": False,

@@ -1,7 +1,7 @@
 """Emerging-risk cluster alerts: a faust-streaming app over the novel-risk topic.
 
 Every verdict with a novel-risk description (or unsafe without a taxonomy category) is embedded with the
-shipped MiniLM model (in batches) and assigned to an online cluster (``workers/clustering.py``).
+shipped MiniLM model (in batches) and assigned to an online cluster (``workers/alerts/clustering.py``).
 Clusters live in a faust Table, changelogged to Kafka, so a restarted app recovers them. When a cluster
 crosses the thresholds an ``AlertEvent`` goes to the alerts topic; re-alerts happen only on escalation.
 
@@ -24,10 +24,10 @@ try:
     import faust
 except ImportError as exc:  # one line naming `pip install 'guardstream[alerts]'`
     raise MissingExtra("alerts", "faust") from exc
-from workers.clustering import Cluster, add, check_alert, merge_near_duplicates
-from workers.kafka_config import faust_broker_kwargs
+from workers.alerts.clustering import Cluster, add, check_alert, merge_near_duplicates
+from workers.kafka.config import faust_broker_kwargs
+from workers.kafka.topics import read_records
 from workers.settings import Settings
-from workers.topics import read_records
 
 log = structlog.get_logger(__name__)
 TABLE = "clusters"

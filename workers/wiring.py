@@ -11,9 +11,9 @@ from guard.engines import build_streaming_engine as guard_build_streaming_engine
 from guard.streaming import MicroBatcher
 from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
-from workers.core import Moderator
+from workers.kafka.worker import KafkaWorker
 from workers.media import MediaFetcher, make_s3_client
-from workers.runner import KafkaWorker
+from workers.pipeline.moderator import Moderator
 from workers.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from workers.kafka_config import reader_config, writer_config
+from workers.kafka.config import reader_config, writer_config
 
 
 def produce_all(

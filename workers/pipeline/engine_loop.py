@@ -22,7 +22,7 @@ import structlog
 
 from guard.types import EngineDeadError, ModerationItem, StreamingEngine, Verdict
 from schemas.events import ErrorCode
-from workers import metrics
+from workers.observability import metrics
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)

@@ -20,9 +20,9 @@ from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngin
 from schemas.codec import DecodeError, decode_post
 from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, VerdictEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
-from workers import metrics
 from workers.cache import ContentKeyer, VerdictCache
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
+from workers.observability import metrics
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)
@@ -270,7 +270,8 @@ class Moderator:
 
     def _run_engine(self, items: list[Prepared]) -> None:
         """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts. (The batch
-        path, for replay and offline tools; the Kafka worker streams through ``workers.engine_loop``.)"""
+        path, for replay and offline tools; the Kafka worker streams through
+        ``workers.pipeline.engine_loop``.)"""
         engine = self.engine
         if not isinstance(engine, GuardEngine):
             raise TypeError(

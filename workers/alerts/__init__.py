@@ -1,0 +1,1 @@
+"""Emerging-risk alerts: cluster novel-risk posts and publish alerts (the faust app)."""

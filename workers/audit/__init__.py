@@ -1,0 +1,1 @@
+"""Audits of past verdicts: replay a topic through an engine and report the differences."""

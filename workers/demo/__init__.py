@@ -1,0 +1,1 @@
+"""The demo's sample feed: varied posts, generated images and hostile events."""

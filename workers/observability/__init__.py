@@ -1,0 +1,1 @@
+"""Metrics, build info and logging for the worker and the tools."""
