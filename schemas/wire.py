@@ -5,7 +5,7 @@
 with it. Building and validating one pydantic model per post cost the worker ~4x the encode itself, so
 the worker writes verdicts through ``VerdictWire``: the same fields, in the same order, with the same
 JSON types, encoded by msgspec without re-validating values the worker computed itself.
-``tests/test_wire.py`` pins the two together: same field names and order, and for generated verdicts
+``tests/unit/test_wire.py`` pins the two together: same field names and order, and for generated verdicts
 the wire bytes are byte-identical to pydantic's and validate back into an equal ``VerdictEvent``.
 
 ``CachedVerdict`` is the Redis cache entry (the verdict, without anything about the post that got it).

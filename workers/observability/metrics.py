@@ -57,7 +57,7 @@ def observe_many(hist: Histogram, values: Sequence[float]) -> None:
 
     prometheus-client has no bulk observe; this adds the per-bucket counts (a value lands in the first
     bucket whose upper bound is >= it, as ``observe`` does) and the sum to the histogram's own counters.
-    Those are private attributes, so ``tests/test_metrics.py`` checks the exposition against per-value
+    Those are private attributes, so ``tests/unit/test_metrics.py`` checks the exposition against per-value
     ``observe`` on every run: a prometheus-client that changes them fails that test, not production.
     """
     if not values:

@@ -21,7 +21,7 @@ from workers.observability.metrics import HEALTH, start_metrics_server
 from workers.settings import Settings
 from workers.wiring import build_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -300,7 +300,7 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(settings: Settings, tmp_pa
             [
                 sys.executable,
                 "-c",
-                "from tests.test_streaming_worker import slow_worker_main; slow_worker_main()",
+                "from tests.integration.test_streaming_worker import slow_worker_main; slow_worker_main()",
             ],
             env=env,
             stdout=log_file,

@@ -25,7 +25,7 @@ import workers.observability.metrics  # noqa: F401  (registers the worker's metr
 from infra.stack import free_port
 from workers.observability.metrics import start_metrics_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra/grafana/guardstream.json"
 RULES = ROOT / "infra/prometheus/alerts.yml"
 NAME = re.compile(r"\bguardstream_\w+")

@@ -19,9 +19,9 @@ from guard.cpu import CpuEngine
 from guard.samples import drawn_image, png_bytes
 from schemas.codec import DecodeError, decode_post
 from schemas.events import ErrorCode
+from tests.chaos.test_memory import png16_39mp
 from tests.conftest import BUCKET, Services
-from tests.test_fuzz_decoder import seeds
-from tests.test_memory import png16_39mp
+from tests.unit.test_fuzz_decoder import seeds
 from workers.cache import ContentKeyer
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_topic

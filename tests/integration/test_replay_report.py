@@ -36,7 +36,7 @@ from workers.kafka.topics import produce_all, read_records
 from workers.settings import Settings
 from workers.wiring import build_moderator, build_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = "Grandma's <b>garden</b> party & <script>alert(1)</script> tonight"
 
 

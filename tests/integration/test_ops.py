@@ -31,7 +31,7 @@ from workers.observability.logging import KafkaLogRouter
 from workers.settings import Settings
 from workers.wiring import build_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("schemas", "guard", "workers", "training", "infra", "bench", "tests")
 
 FORBIDDEN: dict[str, frozenset[str]] = {

@@ -15,7 +15,7 @@ import pytest
 
 from schemas.extras import EXTRAS, MissingExtra, require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 HEAVY = [
     "torch",

@@ -25,7 +25,7 @@ from guard.taxonomy import Taxonomy
 from infra.stack import create_topics
 from schemas.events import AlertEvent, ReviewEvent, WindowCount
 from tests.conftest import BUCKET, Services
-from tests.test_console import ALICE, console_settings
+from tests.integration.test_console import ALICE, console_settings
 from training.export import TrainingExporter, parse_ratios
 from workers.audit.replay import Replayer
 from workers.console.server import ConsoleServer

@@ -24,7 +24,7 @@ from workers.kafka.topics import read_topic
 from workers.preflight import check_settings
 from workers.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "workers.cli"]
 
 
