@@ -62,7 +62,15 @@ from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import TP, Offsets
 from workers.observability import metrics
 from workers.pipeline.engine_loop import EngineLoop, Failure
-from workers.pipeline.moderator import Moderator, Outcome, Output, Prepared, Record, shrink_output
+from workers.pipeline.moderator import (
+    Moderator,
+    Outcome,
+    OutcomeKind,
+    Output,
+    Prepared,
+    Record,
+    shrink_output,
+)
 from workers.settings import DeliveryMode, Settings
 
 log = structlog.get_logger(__name__)
@@ -611,7 +619,7 @@ class KafkaWorker:
         st.batches += 1
         st.consumed += len(outcomes)
         for o in outcomes:
-            if o.kind == "verdict":
+            if o.kind is OutcomeKind.VERDICT:
                 st.verdicts += 1
             else:
                 st.dead_letters += 1

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
 import structlog
 
@@ -45,12 +46,20 @@ class Output:
     value: bytes
 
 
+class OutcomeKind(StrEnum):
+    """What one consumed record became. A ``StrEnum`` so that it compares, logs and serialises as the same
+    bare strings as before (``"verdict"``, ``"dead_letter"``)."""
+
+    VERDICT = "verdict"
+    DEAD_LETTER = "dead_letter"
+
+
 @dataclass(slots=True)
 class Outcome:
     """Everything to publish for one consumed record (exactly one verdict or one dead letter)."""
 
     record: Record
-    kind: str  # "verdict" | "dead_letter"
+    kind: OutcomeKind
     post_id: str | None
     outputs: list[Output]
     verdict: VerdictWire | None = None
@@ -343,7 +352,7 @@ class Moderator:
         outputs = [Output(s.verdicts_topic, key, encode(ev))]
         if ev.novel_risk or (ev.safe is False and ev.category is None):
             outputs.append(Output(s.novel_risk_topic, key, outputs[0].value))
-        return Outcome(r, "verdict", post.post_id, outputs, verdict=ev)
+        return Outcome(r, OutcomeKind.VERDICT, post.post_id, outputs, verdict=ev)
 
     def _dead_letter(self, p: Prepared) -> Outcome:
         r = p.record
@@ -378,7 +387,11 @@ class Moderator:
         )
         value = dl.__pydantic_serializer__.to_json(dl)
         return Outcome(
-            r, "dead_letter", dl.post_id, [Output(self.settings.dlq_topic, r.key, value)], dead_letter=dl
+            r,
+            OutcomeKind.DEAD_LETTER,
+            dl.post_id,
+            [Output(self.settings.dlq_topic, r.key, value)],
+            dead_letter=dl,
         )
 
     def process(self, records: Sequence[Record]) -> list[Outcome]:
