@@ -48,7 +48,7 @@ from workers.cache import ContentKeyer, VerdictCache
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
 from workers.observability.logging import configure_logging
-from workers.pipeline.moderator import Outcome, Record
+from workers.pipeline.records import Outcome, Record
 from workers.settings import Settings
 from workers.wiring import build_moderator, build_worker
 

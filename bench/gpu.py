@@ -60,7 +60,7 @@ from guard.types import ModerationItem
 from guard.vllm_engine import build_request
 from infra.stack import free_port
 from workers.demo.sample_feed import post
-from workers.pipeline.moderator import Outcome
+from workers.pipeline.records import Outcome
 from workers.wiring import build_worker
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from tests.engines import GatedEngine
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import BrokerUnavailable, KafkaWorker
-from workers.pipeline.moderator import Outcome
+from workers.pipeline.records import Outcome
 from workers.settings import Settings
 from workers.wiring import build_worker
 

@@ -18,7 +18,8 @@ from tests.conftest import BUCKET, Services
 from tests.engines import PoisonEngine, RawOutputEngine
 from workers.cache import VerdictCache
 from workers.demo.sample_feed import post
-from workers.pipeline.moderator import Moderator, Record
+from workers.pipeline.moderator import Moderator
+from workers.pipeline.records import Record
 from workers.settings import ParseErrorPolicy, Settings
 from workers.wiring import build_moderator
 

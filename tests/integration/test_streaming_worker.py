@@ -35,7 +35,8 @@ from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
-from workers.pipeline.moderator import Moderator, Record
+from workers.pipeline.moderator import Moderator
+from workers.pipeline.records import Record
 from workers.settings import Settings
 from workers.wiring import build_worker
 

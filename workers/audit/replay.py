@@ -25,7 +25,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.events import AuditRecord, DeadLetterEvent, DecisionSummary, VerdictEvent
 from workers.kafka.config import reader_config, writer_config
 from workers.kafka.topics import read_records
-from workers.pipeline.moderator import Moderator, Outcome, Record
+from workers.pipeline.moderator import Moderator
+from workers.pipeline.records import Outcome, Record
 
 Bound = int | datetime | None
 

@@ -62,15 +62,8 @@ from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import TP, Offsets
 from workers.observability import metrics
 from workers.pipeline.engine_loop import EngineLoop, Failure
-from workers.pipeline.moderator import (
-    Moderator,
-    Outcome,
-    OutcomeKind,
-    Output,
-    Prepared,
-    Record,
-    shrink_output,
-)
+from workers.pipeline.moderator import Moderator, Prepared, shrink_output
+from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
 from workers.settings import DeliveryMode, Settings
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""The transport-agnostic heart of the worker.
+"""The transport-agnostic heart of the worker (its data types are in ``workers.pipeline.records``).
 
 ``prepare`` (decode → validate → fetch media → content hash → cache lookup) and ``infer`` (engine on
 the cache misses as one batch → cache write → events) turn consumed records into ``Outcome``s: the
@@ -13,65 +13,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import structlog
 
 from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import DecodeError, decode_post
-from schemas.events import DeadLetterEvent, ErrorCode, PostEvent, VerdictEvent
+from schemas.events import DeadLetterEvent, ErrorCode, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers.cache import ContentKeyer, VerdictCache
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
 from workers.observability import metrics
+from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes
-
-
-class OutcomeKind(StrEnum):
-    """What one consumed record became. A ``StrEnum`` so that it compares, logs and serialises as the same
-    bare strings as before (``"verdict"``, ``"dead_letter"``)."""
-
-    VERDICT = "verdict"
-    DEAD_LETTER = "dead_letter"
-
-
-@dataclass(slots=True)
-class Outcome:
-    """Everything to publish for one consumed record (exactly one verdict or one dead letter)."""
-
-    record: Record
-    kind: OutcomeKind
-    post_id: str | None
-    outputs: list[Output]
-    verdict: VerdictWire | None = None
-    dead_letter: DeadLetterEvent | None = None
-
-    @property
-    def event(self) -> VerdictEvent | DeadLetterEvent:
-        """The published event as its schema model (validated from the published bytes: off the hot path,
-        for replay, tests and benchmarks)."""
-        if self.dead_letter is not None:
-            return self.dead_letter
-        return VerdictEvent.model_validate_json(self.outputs[0].value)
 
 
 @dataclass(slots=True)
