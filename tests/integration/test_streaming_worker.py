@@ -69,6 +69,7 @@ class FakeStreamingEngine:
         self.dead = threading.Event()
         self.started = 0
         self.cancelled = 0
+        self.cancel_seen = threading.Event()  # set on the engine loop when a request is cancelled
         self.answered: list[str] = []
         self.entered = threading.Event()
         self.enter_at = 1
@@ -87,6 +88,7 @@ class FakeStreamingEngine:
             await asyncio.sleep(self.latency(item.post_id))
         except asyncio.CancelledError:
             self.cancelled += 1
+            self.cancel_seen.set()
             raise
         self.answered.append(item.post_id)
         return Verdict(safe=decision(item.text), p_unsafe=0.1)
@@ -237,6 +239,8 @@ def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(settings: Se
     assert stuck.entered.wait(60), "requests never reached the engine"
     t2 = run_in_thread(second, errors, until_drained=True)
     assert revoked.wait(60), "no revoke while requests were in flight"
+    # the cancellations run on the engine's event loop, a moment after the revoke callback returns
+    stuck.cancel_seen.wait(30)
     dropped = stuck.cancelled
     stuck.release.set()
     t1.join(120)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from guard.chat import IMAGE_PLACEHOLDER, render_qwen2_5_vl
@@ -571,8 +573,14 @@ def test_server_url_credentials_become_auth_and_never_leak(server: ChatServer, p
             await dead.aclose()
         raise AssertionError("expected EngineDeadError")
 
-    with capture_logs() as logs:
-        exc = run(fail())
+    # retries are logged at debug: make sure that level is on, whatever an earlier test configured
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            exc = run(fail())
+    finally:
+        structlog.configure(**saved)
     assert [r["event"] for r in logs if r["log_level"] == "warning"] == ["vllm server failing"]
     assert any(r["event"] == "chat completion retry" for r in logs)
     assert secret not in repr(logs) and secret not in str(exc) and secret not in repr(exc)

@@ -67,6 +67,9 @@ def worker(
         metrics_port=metrics_port,
     )
     if not skip_preflight:
+        from guard.engines import require_engine_extras
+
+        require_engine_extras(s.engine)  # a missing extra is said first: nothing else can fix it
         _preflight_or_exit(s)
     if s.metrics_port:
         from workers.observability.build_info import record_build_info

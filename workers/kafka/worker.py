@@ -394,6 +394,10 @@ class KafkaWorker:
                     if self._broker_down_since is not None:  # it answered _at_end: say it is back
                         self._next_probe = 0.0
                         self._check_broker()
+                        if self._broker_down_since is not None:
+                            # not known to be drained while the broker does not answer a probe: go on
+                            # (the broker deadline still applies)
+                            continue
                     break
                 if idle_timeout_s is not None and time.monotonic() - last_progress > idle_timeout_s:
                     log.info("idle_timeout", seconds=idle_timeout_s)
