@@ -31,6 +31,17 @@ from workers.pipeline.records import Outcome, Record
 Bound = int | datetime | None
 
 
+class ReplayInterrupted(Exception):
+    """The replay stopped at a batch boundary because ``stop()`` said so (Ctrl-C in the CLI).
+
+    Every audit record written before it was acknowledged; the batch being gathered was dropped, so a
+    resumed run with the same replay id picks up exactly where the audit topic ends."""
+
+    def __init__(self, report: ReplayReport) -> None:
+        super().__init__(f"replay {report.replay_id} interrupted after {report.written} audit records")
+        self.report = report
+
+
 def parse_bound(text: str | None) -> Bound:
     """``123`` is an offset; anything else must be an ISO-8601 time (UTC if no zone is given)."""
     if text is None or text == "":
@@ -217,7 +228,10 @@ class Replayer:
         end: Bound = None,
         partitions: list[int] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> ReplayReport:
+        """Replay ``[start, end]`` of ``topic``. ``stop`` is polled between records: once it returns true
+        the run ends at the next batch boundary with ``ReplayInterrupted`` (nothing half-written)."""
         report = ReplayReport(replay_id)
         originals = self.originals()
         done = self.done(replay_id)
@@ -246,6 +260,8 @@ class Replayer:
             batch.clear()
 
         for rec in self._records(topic, start, end, partitions):
+            if stop is not None and stop():
+                raise ReplayInterrupted(report)
             report.total += 1
             if (rec.partition, rec.offset) in done:
                 report.skipped_done += 1

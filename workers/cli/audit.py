@@ -21,6 +21,7 @@ from workers.cli.base import (
     S3EndpointOpt,
     TaxonomyOpt,
     app,
+    ctrl_c_requests_stop,
     load_settings,
     log,
     writable_file,
@@ -79,7 +80,7 @@ def run_replay(
 
     from guard.taxonomy import Taxonomy
     from infra.stack import create_topics
-    from workers.audit.replay import Replayer
+    from workers.audit.replay import Replayer, ReplayInterrupted
     from workers.audit.replay_report import ReportContext, estimate_total, write_reports
     from workers.wiring import build_moderator
 
@@ -114,8 +115,12 @@ def run_replay(
             prog.update(task, rate=prog.tasks[0].completed / max(time.perf_counter() - t0, 1e-6))
 
         try:
-            run_report = rp.run(replay_id, topic, lo, hi, partitions, on_progress=advance)
-        except KeyboardInterrupt:
+            with ctrl_c_requests_stop() as stop:
+                run_report = rp.run(
+                    replay_id, topic, lo, hi, partitions, on_progress=advance, stop=stop.is_set
+                )
+        except (KeyboardInterrupt, ReplayInterrupted):
+            moderator.close()
             prog.stop()
             err = terminal(stderr=True)
             err.print(f"[yellow]interrupted[/]: what was written is kept on {audit_topic}. Resume with:")
@@ -125,7 +130,7 @@ def run_replay(
                 highlight=False,
                 soft_wrap=True,
             )
-            raise
+            raise typer.Abort() from None
         prog.update(task, total=prog.tasks[0].completed)  # the estimate is an upper bound on some brokers
     eng = moderator.engine
     ctx = ReportContext(

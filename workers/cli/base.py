@@ -11,7 +11,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import signal
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +50,32 @@ app = typer.Typer(
 
 class CliError(ClickException):
     """A bad value or a refused request, reported as one line (``guardstream: ...``), exit code 1."""
+
+
+@contextmanager
+def ctrl_c_requests_stop() -> Iterator[threading.Event]:
+    """Within the block, the first Ctrl-C sets the yielded event (the command stops at its next safe
+    point); a second one raises ``KeyboardInterrupt`` as usual.
+
+    Why not let ``KeyboardInterrupt`` fly: raised inside a librdkafka call (``Producer.flush`` polls for
+    signals while it waits), it surfaces as ``SystemError: ... returned NULL without setting an
+    exception`` and a traceback instead of the resume hint. Off the main thread (where handlers cannot be
+    installed) the event is simply never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def env_name(field: str) -> str:
