@@ -33,6 +33,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -200,6 +201,32 @@ class Out:
             f.write(f"== {where}\n{traceback.format_exc()}\n")
         self.log(f"ERROR in {where}: {type(exc).__name__}: {str(exc)[:300]}")
         self.save()
+
+    @contextlib.contextmanager
+    def library_errors(self, where: str, logger: str = "transformers") -> Iterator[None]:
+        """Save what ``logger`` reports at ERROR while a phase runs. transformers' continuous batching
+        runs generation in a thread that logs its exception instead of raising it, so without this the
+        saved files only show the budget guard's timeout (as in run 1 on the H200)."""
+        out = self
+
+        class _Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                text = self.format(record)
+                with (out.root / "error.txt").open("a", encoding="utf-8") as f:
+                    f.write(f"== {where} ({record.name} log)\n{text}\n")
+                out.results["errors"].append(
+                    {"where": f"{where} ({record.name} log)", "error": record.getMessage()[:2000]}
+                )
+                out.log(f"{record.name} ERROR during {where}: {record.getMessage()[:300]}")
+
+        handler = _Keep(logging.ERROR)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log = logging.getLogger(logger)
+        log.addHandler(handler)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
 
     def sample(self, text: str) -> None:
         with (self.root / "samples.txt").open("a", encoding="utf-8") as f:
@@ -922,7 +949,8 @@ def run(a: argparse.Namespace) -> int:
                 out.results.setdefault("skipped", []).append(name)
                 continue
             try:
-                fn(ctx)
+                with out.library_errors(name):
+                    fn(ctx)
             except Exception as exc:
                 out.error(name, exc)
                 _empty_cache(device)

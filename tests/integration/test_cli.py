@@ -59,40 +59,42 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 @pytest.mark.parametrize(
-    ("argv", "fragment"),
+    ("argv", "fragment", "code"),
     [
-        (["replay", "--from", "yesterday"], "--from 'yesterday'"),
-        (["audit-export", "--out", "{tmp}/a.jsonl", "--from", "yesterday"], "ISO-8601"),
-        (["export-training", "--out", "{tmp}/x", "--ratios", "1:1"], "--ratios '1:1'"),
-        (["export-training", "--out", "{tmp}/x", "--val-fraction", "2"], "--val-fraction"),
-        (["worker", "--engine", "gpt"], "'gpt' is not one of"),
-        (["demo", "--engine", "gpt"], "--engine"),
+        (["replay", "--from", "yesterday"], "--from 'yesterday'", 2),
+        (["audit-export", "--out", "{tmp}/a.jsonl", "--from", "yesterday"], "ISO-8601", 2),
+        (["export-training", "--out", "{tmp}/x", "--ratios", "1:1"], "--ratios '1:1'", 2),
+        (["export-training", "--out", "{tmp}/x", "--val-fraction", "2"], "--val-fraction", 2),
+        (["worker", "--engine", "gpt"], "'gpt' is not one of", 2),
+        (["demo", "--engine", "gpt"], "--engine", 2),
         (
             ["audit-export", "--out", "{tmp}/a.jsonl", "--from", "2026-02-01", "--to", "2026-01-01"],
             "is after",
+            2,
         ),
-        (["replay", "--from", "20", "--to", "10"], "is after"),
-        (["audit-export", "--out", "{tmp}/file/a.jsonl"], "does not exist"),
-        (["export-training", "--out", "{tmp}/file/sub"], "is a file"),
-        (["audit-export", "--out", "{tmp}"], "is a directory"),
-        (["worker", "--max-batch-size", "0"], "--max-batch-size"),
-        (["tail", "everything"], "'everything' is not one of"),
-        (["redrive", "--code", "no_such_code"], "unknown error code"),
-        (["review", "p", "--reviewer", "r"], "--unsafe or --safe"),
-        (["audit-export"], "Missing option '--out'"),
-        (["produce", "--sample", "2", "{tmp}/posts.jsonl"], "not both"),
-        (["no-such-command"], "No such command"),
-        (["produce", "--sample", "99"], "the sample feed has"),
-        (["--config", "{tmp}/nope.toml", "check"], "does not exist"),
+        (["replay", "--from", "20", "--to", "10"], "is after", 2),
+        (["audit-export", "--out", "{tmp}/file/a.jsonl"], "does not exist", 1),
+        (["export-training", "--out", "{tmp}/file/sub"], "is a file", 1),
+        (["audit-export", "--out", "{tmp}"], "is a directory", 2),
+        (["worker", "--max-batch-size", "0"], "--max-batch-size", 2),
+        (["tail", "everything"], "'everything' is not one of", 2),
+        (["redrive", "--code", "no_such_code"], "unknown error code", 1),
+        (["review", "p", "--reviewer", "r"], "--unsafe or --safe", 1),
+        (["audit-export"], "Missing option '--out'", 2),
+        (["produce", "--sample", "2", "{tmp}/posts.jsonl"], "not both", 2),
+        (["no-such-command"], "No such command", 2),
+        (["produce", "--sample", "99"], "the sample feed has", 2),
+        (["--config", "{tmp}/nope.toml", "check"], "does not exist", 2),
     ],
 )
 def test_bad_values_are_one_line(
-    argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str], fragment: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Exit 2 for a bad flag value or usage, 1 for a refused request (README "Configuration")."""
     (tmp_path / "file").write_text("a file, not a directory")
     rc, out, err = run_main([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     lines = [x for x in err.splitlines() if x.strip()]
-    assert rc != 0, (out, err)
+    assert rc == code, (rc, out, err)
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err + out
 

@@ -5,13 +5,14 @@ files), so the script cannot rot unnoticed before the next GPU slot."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from guard.gpu_proof import ForcedLength, Plan, forced_length, make_plan, model_config, prompt_key
+from guard.gpu_proof import ForcedLength, Out, Plan, forced_length, make_plan, model_config, prompt_key
 
 
 def _plan(**kw: object) -> Plan:
@@ -108,3 +109,24 @@ def test_tiny_run_end_to_end_writes_results(tmp_path: Path) -> None:
     assert r["tokenizer"]["system_prompt_tokens"] > 500
     summary = (out / "summary.md").read_text()
     assert "random bf16 weights" in summary and "| static | image | 4 |" in summary
+
+
+def test_errors_a_library_only_logs_are_saved_with_the_phase(tmp_path: Path) -> None:
+    # transformers' continuous-batching thread logs its failure and the caller only sees a timeout:
+    # the saved files must hold the logged error, attributed to the phase, and only while it runs
+    out = Out(tmp_path)
+    with out.library_errors("continuous batching"):
+        logging.getLogger("transformers.generation").error("The expanded size of the tensor (30)")
+        logging.getLogger("transformers").warning("a warning is not kept")
+    logging.getLogger("transformers").error("after the phase: not kept")
+    saved = (tmp_path / "error.txt").read_text()
+    assert "continuous batching (transformers.generation log)" in saved
+    assert "The expanded size of the tensor (30)" in saved
+    assert "not kept" not in saved
+    assert out.results["errors"] == [
+        {
+            "where": "continuous batching (transformers.generation log)",
+            "error": "The expanded size of the tensor (30)",
+        }
+    ]
+    assert "ERROR during continuous batching" in (tmp_path / "progress.log").read_text()

@@ -13,13 +13,13 @@ import typer
 
 from workers.cli.base import (
     BootstrapOpt,
-    CliError,
     EngineOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     RedisOpt,
     S3EndpointOpt,
     TaxonomyOpt,
+    UsageError,
     app,
     ctrl_c_requests_stop,
     load_settings,
@@ -40,9 +40,9 @@ def parse_bound_opt(text: str | None, flag: str, times_only: bool = False) -> Bo
         b = parse_bound(text)
     except ValueError:
         what = "an ISO-8601 time (2026-01-31T12:00:00Z)" if times_only else "an offset or an ISO-8601 time"
-        raise CliError(f"{flag} {text!r}: expected {what}") from None
+        raise UsageError(f"{flag} {text!r}: expected {what}") from None
     if times_only and isinstance(b, int):
-        raise CliError(f"{flag} {text!r}: this command takes ISO-8601 times, not offsets")
+        raise UsageError(f"{flag} {text!r}: this command takes ISO-8601 times, not offsets")
     return b
 
 
@@ -50,9 +50,9 @@ def check_range(start: Bound, end: Bound) -> None:
     if start is None or end is None:
         return
     if isinstance(start, datetime) != isinstance(end, datetime):
-        raise CliError("--from and --to must both be offsets or both be times")
+        raise UsageError("--from and --to must both be offsets or both be times")
     if start > end:  # type: ignore[operator]
-        raise CliError(f"--from {start} is after --to {end}: the range is empty")
+        raise UsageError(f"--from {start} is after --to {end}: the range is empty")
 
 
 def time_range(start_text: str | None, end_text: str | None) -> tuple[datetime | None, datetime | None]:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from workers.cli.base import BootstrapOpt, CliError, S3EndpointOpt, app, load_settings, log
+from workers.cli.base import BootstrapOpt, CliError, S3EndpointOpt, UsageError, app, load_settings, log
 
 
 @app.command()
@@ -42,7 +42,7 @@ def produce(
     from workers.produce import ProduceError, prepare_posts, sample_posts
 
     if sample is not None and source is not None:
-        raise CliError("give either a file of posts or --sample N, not both")
+        raise UsageError("give either a file of posts or --sample N, not both")
     s = load_settings(bootstrap_servers=bootstrap_servers, s3_endpoint_url=s3_endpoint_url)
     target = bucket or s.allowed_buckets[0]
     if target not in s.allowed_buckets:
@@ -66,8 +66,8 @@ def produce(
     if sample is not None:
         try:
             items = sample_posts(sample, target, upload)
-        except ProduceError as exc:
-            raise CliError(str(exc)) from None
+        except ProduceError as exc:  # --sample beyond the feed: a bad flag value
+            raise UsageError(str(exc)) from None
     else:
         path = None if source in (None, "-") else Path(str(source))
         try:
