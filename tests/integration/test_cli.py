@@ -111,6 +111,43 @@ def test_bad_value_in_a_subprocess_has_no_traceback(tmp_path: Path) -> None:
     assert r.stderr.strip().count("\n") == 0 and "--val-fraction" in r.stderr
 
 
+def test_unknown_variables_are_warned_about_with_the_closest_name(tmp_path: Path) -> None:
+    # a typo in a variable name silently left the default in force; now it is named, and nothing fails
+    env = clean_env(GUARDSTREAM_BOOTSTRAP_SERVER="kafka:9092", GUARDSTREAM_NO_SUCH_THING="1")
+    r = subprocess.run(
+        [*CLI, "check", "--settings-only"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert (
+        "GUARDSTREAM_BOOTSTRAP_SERVER is not a setting; did you mean GUARDSTREAM_BOOTSTRAP_SERVERS?"
+        in r.stdout
+    )
+    assert "GUARDSTREAM_NO_SUCH_THING is not a setting; ignored" in r.stdout
+    # every other command warns through the log, once per variable
+    r = subprocess.run(
+        [*CLI, "audit-export", "--out", str(tmp_path / "a.jsonl"), "--from", "yesterday"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    warned = [json.loads(x) for x in r.stderr.splitlines() if "unknown_setting_variable" in x]
+    assert [w["variable"] for w in warned] == ["GUARDSTREAM_BOOTSTRAP_SERVER", "GUARDSTREAM_NO_SUCH_THING"]
+    assert warned[0]["hint"] == "did you mean GUARDSTREAM_BOOTSTRAP_SERVERS?"
+    # the settings file's own variable, the console's settings and the test knobs are known
+    (tmp_path / "gs.toml").write_text('posts_topic = "posts"\n')
+    known = clean_env(
+        GUARDSTREAM_CONFIG=str(tmp_path / "gs.toml"),
+        GUARDSTREAM_CONSOLE_PORT="8081",
+        GUARDSTREAM_SCREENSHOTS="docs/screenshots",
+    )
+    r = subprocess.run(
+        [*CLI, "check", "--settings-only"], env=known, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "not a setting" not in r.stdout + r.stderr, r.stdout
+
+
 def test_help_names_default_and_variable(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
     monkeypatch.setenv("COLUMNS", "250")
     rc, out, _ = run_main(["worker", "--help"], capsys)

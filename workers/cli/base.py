@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -140,9 +140,38 @@ MetricsPortOpt = Annotated[
 ]
 
 
+# GUARDSTREAM_* variables that are not settings: the settings file's path, and the browser test's knobs.
+NOT_SETTINGS = frozenset({"GUARDSTREAM_CONFIG", "GUARDSTREAM_CHROMIUM", "GUARDSTREAM_SCREENSHOTS"})
+_warned: set[str] = set()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``GUARDSTREAM_*`` variables that name no setting, each with the closest known name (or None).
+
+    A typo (``GUARDSTREAM_BOOTSTRAP_SERVER``) would otherwise leave the default in force, silently."""
+    known = {env_name(f) for f in _known_fields()} | NOT_SETTINGS
+    names = sorted(k.removeprefix(ENV_PREFIX) for k in known)  # compared without the shared prefix
+
+    def closest(var: str) -> str | None:
+        match = difflib.get_close_matches(var.removeprefix(ENV_PREFIX), names, n=1, cutoff=0.8)
+        return ENV_PREFIX + match[0] if match else None
+
+    return [(var, closest(var)) for var in sorted(environ) if var.startswith(ENV_PREFIX) and var not in known]
+
+
 def load_settings(**overrides: Any) -> Settings:
     """``Settings`` from the environment (and settings file) with the given flags on top; a value that
-    does not validate is one line naming the flag, its variable and the reason."""
+    does not validate is one line naming the flag, its variable and the reason. Unknown ``GUARDSTREAM_*``
+    variables are warned about once per process (not refused: a newer deployment may set a variable an
+    older worker does not know)."""
+    for var, close in unknown_variables(os.environ):
+        if var not in _warned:
+            _warned.add(var)
+            log.warning(
+                "unknown_setting_variable",
+                variable=var,
+                hint=f"did you mean {close}?" if close else "no setting has this name; it is ignored",
+            )
     values = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**values)

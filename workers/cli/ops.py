@@ -19,6 +19,7 @@ from workers.cli.base import (
     TaxonomyOpt,
     app,
     load_settings,
+    unknown_variables,
 )
 
 
@@ -61,6 +62,8 @@ def check(
             results.append(check_engine(s))
     for r in results:
         print(r.line(), flush=True)
+    for var, close in unknown_variables(os.environ):  # a warning, not a failure (see load_settings)
+        print(f"warn settings  {var} is not a setting; {f'did you mean {close}?' if close else 'ignored'}")
     return 0 if all(r.ok for r in results) else 2
 
 
