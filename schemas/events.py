@@ -344,7 +344,17 @@ class AlertEvent(BaseModel):
     representative: str = Field(description="The cluster's medoid novel-risk description.")
     examples: list[str] = Field(description="Up to k example post ids from the cluster.")
     example_descriptions: list[str] = Field(description="Novel-risk descriptions of the example posts.")
-    size: int = Field(description="Posts in the cluster so far.")
+    # Optional and added within v1: an alert without it (raised before it existed) still validates, and
+    # its readers fall back to the examples.
+    member_ids: list[str] | None = Field(
+        None,
+        description=(
+            "Post ids of the cluster's members when the alert was raised, oldest first: all of them while "
+            "the cluster has at most 500 members, else the 500 most recent (size is the total). Null in "
+            "alerts raised before this field existed (then only examples names posts)."
+        ),
+    )
+    size: int = Field(description="Posts in the cluster so far (the total count of members).")
     counts_per_window: list[WindowCount] = Field(description="Posts per tumbling window, oldest first.")
     window_seconds: int = Field(description="Length of a window in seconds (GUARDSTREAM_ALERT_WINDOW_S).")
     growth: float = Field(description="Current window's count over the trailing baseline.")

@@ -1,4 +1,5 @@
-"""Emerging-risk alerts: the faust app on the real broker, with a restart in the middle of a burst."""
+"""Emerging-risk alerts: the faust app on the real broker, with a restart in the middle of a burst, and
+the review console queueing every member of an alerted cluster."""
 
 from __future__ import annotations
 
@@ -16,11 +17,23 @@ import numpy as np
 import pytest
 
 from infra.stack import create_topics
-from schemas.events import AlertEvent
+from schemas.codec import decode_post
+from schemas.events import AlertEvent, Scores, VerdictEvent
 from tests.conftest import Services
+from tests.integration.test_console import console_settings
 from workers.alerts.app import describe, read_clusters
-from workers.alerts.clustering import ClusterConfig, add, check_alert, merge_near_duplicates
-from workers.kafka.topics import produce_all, read_topic
+from workers.alerts.clustering import (
+    MAX_RECENT_IDS,
+    Cluster,
+    ClusterConfig,
+    add,
+    check_alert,
+    merge_near_duplicates,
+)
+from workers.console.ingest import Ingester
+from workers.console.store import Filters, QueueStore, Reason
+from workers.demo.sample_feed import post
+from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.settings import Settings
 
 T = datetime(2026, 6, 1, 12, 5, tzinfo=UTC)  # every planted post falls in the 12:00-13:00 window
@@ -84,6 +97,17 @@ def test_alert_rule_unit() -> None:
         and first.size == 4
         and first.modalities == {"text": 3, "image": 1}
     )
+    assert (
+        first is not None
+        and first.member_ids == ["p0", "p1", "p2", "p3"]
+        and first.examples
+        == [
+            "p0",
+            "p1",
+            "p2",
+            "p3",
+        ]
+    )
     assert check_alert(c, cfg, 121.0) is None  # deduplicated until it escalates
     for i in range(4):
         add(clusters, cfg, v, post_id=f"q{i}", text="x", author=f"a{i}", modality="text", ts=122.0)
@@ -102,8 +126,37 @@ def test_alert_rule_unit() -> None:
     )
     assert len(clusters) == 2
     assert merge_near_duplicates(clusters, ClusterConfig(merge_threshold=0.4)) and len(clusters) == 1
+    assert next(iter(clusters.values())).recent[-1][1] == "q3"
     assert describe({"novel_risk": "  new   thing "}) == "new thing"
     assert describe({"safe": False, "category": None}) and describe({"safe": True}) is None
+
+
+def test_alert_names_its_most_recent_members_bounded() -> None:
+    cfg = ClusterConfig(min_count=1, min_authors=1, min_growth=0.0, window_s=10**9)
+    clusters: dict[str, Cluster] = {}
+    v = np.ones(4, dtype=np.float32) / 2
+    n = MAX_RECENT_IDS + 7
+    for i in reversed(range(n)):  # arrival order is not time order: the newest by post time are kept
+        c = add(clusters, cfg, v, post_id=f"p{i}", text="x", author=f"a{i}", modality="text", ts=float(i))
+    a = check_alert(c, cfg, float(n))
+    assert a is not None and a.size == n and len(a.examples) == cfg.examples
+    assert a.member_ids == [f"p{i}" for i in range(7, n)]  # the total is `size`; oldest first
+    # the schema's description states the same bound
+    desc = AlertEvent.model_fields["member_ids"].description or ""
+    assert f"at most {MAX_RECENT_IDS} members" in desc and f"the {MAX_RECENT_IDS} most recent" in desc
+    # a cluster state written before `recent` existed still loads, and fills up from the next member on
+    old = c.to_dict()
+    del old["recent"]
+    restored = {c.cluster_id: Cluster.from_dict(old)}
+    add(restored, cfg, v, post_id="new", text="x", author="b", modality="text", ts=float(n + 1))
+    assert restored[c.cluster_id].recent == [[float(n + 1), "new"]]
+    # merging keeps the most recent of both
+    other = ClusterConfig(join_threshold=0.99)
+    w = np.array([0.5, 0.5, 0.5, -0.5], dtype=np.float32)
+    add(restored, other, w, post_id="newest", text="y", author="c", modality="text", ts=float(n + 2))
+    assert len(restored) == 2 and merge_near_duplicates(restored, ClusterConfig(merge_threshold=0.4))
+    (merged,) = restored.values()
+    assert [pid for _, pid in merged.recent] == ["new", "newest"]
 
 
 @pytest.fixture
@@ -218,3 +271,99 @@ def test_planted_burst_alerts_once_and_survives_restart(
         f"alerts: {len(first_half + second_half)} burst, {len(background)} background, {len(flood)} flood "
         f"posts -> {len(got)} alert, {len(clusters)} clusters"
     )
+
+
+def _novel_verdict(pid: str, author: str, novel: str, i: int, where: tuple[int, int], s: Settings) -> bytes:
+    return (
+        VerdictEvent(
+            post_id=pid,
+            author_id=author,
+            modality="text",
+            safe=False,
+            novel_risk=novel,
+            scores=Scores(p_unsafe=0.9),
+            engine="cpu",
+            model_version="m",
+            policy_version="p",
+            content_hash=pid,
+            cache_hit=False,
+            latency_ms=1.0,
+            source_topic=s.posts_topic,
+            source_partition=where[0],
+            source_offset=where[1],
+            post_created_at=T + timedelta(seconds=i),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def _poll(cond: Any, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)  # a poll interval on a condition, not a stand-in for one
+
+
+@pytest.mark.integration
+def test_every_member_of_an_alerted_cluster_is_queued(
+    alert_settings: Settings, services: Services, app_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """31 burst posts: the alerts app alerts once (the 31st brings the fifth author), the console queues
+    all 31 under the cluster filter — 15 verdicts it ingested before the alert, 16 after it."""
+    s = alert_settings
+    n = 31
+    ids = [f"member-{i}" for i in range(n)]
+    authors = [f"author-{i % 4}" for i in range(n - 1)] + ["author-fifth"]
+    produce_all(
+        s.bootstrap_servers,
+        s.posts_topic,
+        [
+            (pid.encode(), post(pid, a, f"post {i}", at=T))
+            for i, (pid, a) in enumerate(zip(ids, authors, strict=True))
+        ],
+    )
+    where = {
+        decode_post(r.value).post_id: (r.partition, r.offset)
+        for r in read_records(s.bootstrap_servers, s.posts_topic)
+        if r.value
+    }
+    verdicts = [
+        _novel_verdict(pid, a, BURST[i % len(BURST)], i, where[pid], s)
+        for i, (pid, a) in enumerate(zip(ids, authors, strict=True))
+    ]
+    cs = console_settings(s, alerts_topic=s.alerts_topic, alerts_app_id=s.alerts_app_id)
+    store = QueueStore(cs.store_url, cs.console_prefix, cs.console_lease_s)
+    ing = Ingester(cs, store).start()
+    try:
+        # verdicts before the alert: queued as novel risks, tagged when the alert arrives
+        produce_all(
+            s.bootstrap_servers,
+            s.verdicts_topic,
+            [(p.encode(), v) for p, v in zip(ids, verdicts, strict=True)][:15],
+        )
+        _poll(lambda: store.counts()["novel_risk"] == 15, "15 novel-risk items")
+        app_procs.append(start_app(s))
+        produce_all(s.bootstrap_servers, s.novel_risk_topic, [(None, v) for v in verdicts[:-1]])
+        total = lambda: sum(c.size for c in read_clusters(s).values())  # noqa: E731
+        wait_for(lambda: total() == n - 1, app_procs[0], f"{n - 1} clustered descriptions")
+        produce_all(s.bootstrap_servers, s.novel_risk_topic, [(None, verdicts[-1])])  # the fifth author
+        _poll(lambda: bool(store.alerts()) or app_procs[0].poll() is not None, "the alert in the store", 150)
+        assert app_procs[0].poll() is None, "the alerts app exited"
+        (alert,) = store.alerts().values()
+        assert alert.size == n and sorted(alert.member_ids or []) == sorted(ids) and len(alert.examples) == 5
+        # verdicts after the alert: the console tags them as they arrive
+        produce_all(
+            s.bootstrap_servers,
+            s.verdicts_topic,
+            [(p.encode(), v) for p, v in zip(ids, verdicts, strict=True)][15:],
+        )
+        cluster = Filters(cluster=alert.cluster_id)
+        _poll(lambda: store.page(cluster, limit=0)[1] == n, f"{n} posts under the cluster filter")
+        items, count = store.page(cluster, limit=100)
+        assert count == n and sorted(it.post_id for it in items) == sorted(ids)
+        assert all(Reason.ALERTED_CLUSTER in it.reasons and it.text for it in items)
+        assert ing.alive
+    finally:
+        ing.stop()
+        stop(app_procs[0])

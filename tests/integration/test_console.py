@@ -170,8 +170,21 @@ def test_queue_is_built_from_verdicts_dead_letters_and_alerts(cs: ConsoleSetting
     bad = dl.model_copy(update={"post_id": "bad", "error_code": ErrorCode.INVALID_JSON})
     ingest(ing, d, bad, posts)
 
+    # a verdict whose engine output did not parse (published, not dead-lettered): a dead letter to settle
+    unparsed = verdict("unparsed", safe=True, p=0.01, parse_error=True, raw_output="<answer>maybe")
+    ingest(ing, v, unparsed.model_copy(update={"source_offset": posts.add("unparsed", "hm")}), posts)
+    got = store.get("unparsed")
+    assert got is not None and got.reasons == [Reason.DEAD_LETTER] and got.raw_output == "<answer>maybe"
+    assert {it.post_id for it in store.page(Filters(reason="dead_letter"))[0]} == {"unparsed", "parse"}
+
     ids = {it.post_id for it in store.iter_open()}
-    assert ids == {"abst", "band", "novel", "parse"}  # band is [0.35, 0.65]: 0.66 and 0.02 stay out
+    assert ids == {
+        "abst",
+        "band",
+        "novel",
+        "parse",
+        "unparsed",
+    }  # band is [0.35, 0.65]: 0.66 and 0.02 stay out
     assert store.get("abst").reasons == [Reason.ABSTAINED]  # type: ignore[union-attr]
     partly = verdict("partly", safe=True, p=0.1, abstained_reason="image not judged", modality="text_image")
     ingest(
@@ -302,6 +315,92 @@ def test_review_rules_are_shared_with_the_cli() -> None:
 
     with pytest.raises(SystemExit, match="contradictory"):  # the CLI refuses before touching the broker
         main(["review", "p", "--safe", "--category", "C9S1", "--reviewer", "r", "--bootstrap-servers", "x:1"])
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``guardstream`` in-process: (exit code, stderr), a SystemExit message counted as stderr. ``main``
+    points structlog at the captured stderr, which pytest closes after the test: restored after."""
+    import structlog
+
+    from workers.cli import main
+
+    saved = structlog.get_config()
+    try:
+        rc, extra = main(argv), ""
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+        extra = "" if isinstance(exc.code, int) or exc.code is None else str(exc.code)
+    finally:
+        structlog.configure(**saved)
+    return rc, capsys.readouterr().err + extra
+
+
+@pytest.mark.integration
+def test_cli_review_refuses_a_post_nothing_knows(
+    cs: ConsoleSettings,
+    store: QueueStore,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As the console answers 404 for a post it does not know, `guardstream review` refuses one: it must
+    be queued in the console's store, or have a verdict or dead letter in the topics' newest records."""
+    from infra.stack import create_topics
+    from workers.console.store import QueueItem
+    from workers.kafka.topics import produce_all, read_topic
+
+    produce_all(
+        cs.bootstrap_servers,
+        cs.verdicts_topic,
+        [(b"cli-v", verdict("cli-v", safe=True, p=0.01).model_dump_json().encode())],
+    )
+    raw = post_bytes("cli-d", "the engine choked")
+    dl = DeadLetterEvent(
+        post_id="cli-d",
+        error_code=ErrorCode.ENGINE_FAILED,
+        error_class="EngineError",
+        message="boom",
+        source_topic=cs.posts_topic,
+        source_partition=0,
+        source_offset=0,
+        original_value_b64=base64.b64encode(raw).decode(),
+    )
+    produce_all(cs.bootstrap_servers, cs.dlq_topic, [(b"some-other-key", dl.model_dump_json().encode())])
+    # queued in the console but not in the topics' tails (say, a post older than --lookback)
+    store.upsert(QueueItem(post_id="cli-s", modality="text", reasons=[Reason.ABSTAINED], decided_at=NOW))
+    create_topics(cs.bootstrap_servers, {cs.reviews_topic: 1})
+    for key, value in {
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": cs.bootstrap_servers,
+        "GUARDSTREAM_VERDICTS_TOPIC": cs.verdicts_topic,
+        "GUARDSTREAM_DLQ_TOPIC": cs.dlq_topic,
+        "GUARDSTREAM_REVIEWS_TOPIC": cs.reviews_topic,
+        "GUARDSTREAM_REDIS_URL": cs.redis_url,
+        "GUARDSTREAM_CONSOLE_PREFIX": cs.console_prefix,
+        "GUARDSTREAM_LOG_FORMAT": "json",
+    }.items():
+        monkeypatch.setenv(key, value)
+    review = ["review", "--safe", "--reviewer", "carol"]
+
+    for pid in ("cli-v", "cli-d", "cli-s"):  # a verdict, a dead letter (by its JSON, not its key), the store
+        rc, err = _cli([*review, pid], capsys)
+        assert rc == 0, err
+    rc, err = _cli([*review, "cli-typo"], capsys)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 1 and len(lines) == 1, err
+    assert "'cli-typo' not found" in lines[0] and "--force" in lines[0] and "Traceback" not in err
+    # the scan is bounded: with a newer record after it, the verdict is outside --lookback 1
+    produce_all(
+        cs.bootstrap_servers,
+        cs.verdicts_topic,
+        [(b"cli-v", verdict("cli-v-again", safe=True, p=0.01).model_dump_json().encode())],
+    )
+    rc, err = _cli([*review, "--lookback", "1", "cli-v"], capsys)
+    assert rc == 1 and "'cli-v' not found" in err and "newest 1 records" in err
+    rc, err = _cli([*review, "--force", "cli-typo"], capsys)  # the escape hatch publishes anyway
+    assert rc == 0, err
+    published = [
+        ReviewEvent.model_validate_json(v).post_id for v in read_topic(cs.bootstrap_servers, cs.reviews_topic)
+    ]
+    assert published == ["cli-v", "cli-d", "cli-s", "cli-typo"]
 
 
 class App:
@@ -497,3 +596,81 @@ def test_console_command_serves_on_loopback(cs: ConsoleSettings) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_demo_console_serves_the_queue_and_stops_cleanly(services: Services, tmp_path: Any) -> None:
+    """`guardstream demo --console`: its own local stack (broker, S3 server; the session's Redis as the
+    store), the demo feed moderated, then the console: the login URL on stdout, the queue page behind
+    it, and on Ctrl-C a clean exit with nothing left listening (~20 s on the dev machine)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from infra.stack import free_port
+
+    def listening(port: int) -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GUARDSTREAM_")},
+        "GUARDSTREAM_REDIS_URL": services.redis_url,  # ours: the demo empties its console prefix there
+        "GUARDSTREAM_CONSOLE_PORT": str(port),
+        "GUARDSTREAM_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "demo", "--console"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        for line in proc.stdout:  # ends when the demo exits: then the assertion below says what it printed
+            seen.append(line)
+            if "/login?token=" in line:
+                break
+        out = "".join(seen)
+        m = re.search(r"(http://127\.0\.0\.1:\d+)/login\?token=(\S+)", out)
+        assert m, out[-3000:]
+        base, token = m.groups()
+        assert base.endswith(f":{port}")
+        stack = re.search(
+            r"--bootstrap-servers 127\.0\.0\.1:(\d+) --s3-endpoint-url http://127\.0\.0\.1:(\d+)", out
+        )
+        assert stack, out[-3000:]
+        ports = [port, int(stack[1]), int(stack[2])]
+        with httpx.Client(base_url=base, timeout=5) as client:
+            deadline = time.monotonic() + 30
+            while True:  # the URL is printed before uvicorn listens
+                try:
+                    r = client.get("/login", params={"token": token})
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and proc.poll() is None, "console did not come up"
+                    time.sleep(0.1)
+            assert r.status_code == 303
+            # the demo's three image posts (the CPU engine abstains on images) are queued
+            deadline = time.monotonic() + 30
+            while "demo-image-2" not in (page := client.get("/", params={"reason": "abstained"})).text:
+                assert time.monotonic() < deadline, page.text[-2000:]
+                time.sleep(0.2)  # the ingester reads the demo's topics in the background
+            assert page.status_code == 200 and "demo-image-0" in page.text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert [p for p in ports if listening(p)] == []  # console, broker and S3 server all gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -19,7 +19,9 @@ import pytest
 from confluent_kafka import KafkaException
 
 from infra.stack import create_topics
-from schemas.events import Modality, VerdictEvent
+from schemas.events import AuditRecord, DecisionSummary, Modality, VerdictEvent
+from workers.console.audits import AuditView
+from workers.console.settings import ConsoleSettings
 from workers.kafka.admin import TopicCreationError
 from workers.kafka.config import faust_broker_kwargs, reader_config, writer_config
 from workers.kafka.topics import produce_all, read_records
@@ -114,3 +116,28 @@ def test_audit_export_cli_honours_kafka_extra(settings: Settings, tmp_path: Path
     r = subprocess.run([*cmd, str(bad)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0  # the SSL setting reached its consumer: nothing read over plaintext
     assert not bad.exists() or bad.read_text() == ""
+
+
+@pytest.mark.integration
+def test_console_audit_reader_honours_kafka_extra(settings: Settings) -> None:
+    """The console's audits page reads the audit topic with the settings' TLS/SASL options (it read over
+    plaintext whatever they said)."""
+    topic = settings.posts_topic + "-audit"
+    create_topics(settings.bootstrap_servers, {topic: 1})
+    decision = DecisionSummary(safe=True, engine="cpu", model_version="m", policy_version="p")
+    rec = AuditRecord(
+        replay_id="r1",
+        post_id="p1",
+        source_topic=settings.posts_topic,
+        source_partition=0,
+        source_offset=0,
+        original=decision,
+        replayed=decision,
+        changed=False,
+        changes=[],
+    )
+    produce_all(settings.bootstrap_servers, topic, [(b"r1:0:0", rec.model_dump_json().encode())])
+    plain = ConsoleSettings(**{**settings.model_dump(), "audit_topic": topic})
+    assert [r.replay_id for r in AuditView(plain, read_timeout_s=5).replays()] == ["r1"]  # plaintext: reads
+    ssl = plain.model_copy(update={"kafka_extra": SSL})
+    assert AuditView(ssl, read_timeout_s=3).replays() == []  # told SSL: nothing read over plaintext

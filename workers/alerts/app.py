@@ -24,13 +24,13 @@ try:
     import faust
 except ImportError as exc:  # one line naming `pip install 'guardstream[alerts]'`
     raise MissingExtra("alerts", "faust") from exc
+from workers.alerts.changelog import TABLE
+from workers.alerts.changelog import read_clusters as read_clusters  # re-exported (CLI, tests)
 from workers.alerts.clustering import Cluster, add, check_alert, merge_near_duplicates
 from workers.kafka.config import faust_broker_kwargs
-from workers.kafka.topics import read_records
 from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
-TABLE = "clusters"
 SEEN_TABLE = "seen-posts"
 
 
@@ -139,19 +139,3 @@ def run_app(settings: Settings) -> None:
     app.finalize()
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     worker.execute_from_commandline()
-
-
-def read_clusters(settings: Settings) -> dict[str, Cluster]:
-    """The app's current clusters, rebuilt from the table's changelog topic (latest value per key)."""
-    out: dict[str, Cluster] = {}
-    topic = f"{settings.alerts_app_id}-{TABLE}-changelog"
-    for r in read_records(settings.bootstrap_servers, topic, extra=settings.kafka_extra):
-        if r.key is None:
-            continue
-        cid = json.loads(r.key)
-        val = json.loads(r.value) if r.value else None
-        if val:
-            out[cid] = Cluster.from_dict(val)
-        else:
-            out.pop(cid, None)
-    return out

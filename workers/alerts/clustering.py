@@ -2,8 +2,9 @@
 
 Each description's MiniLM embedding joins the nearest cluster whose centroid is within
 ``join_threshold`` cosine similarity, or starts a new one. Clusters keep a running centroid, counts per
-tumbling window, a bounded sample of members (for the medoid and examples), distinct authors (bounded)
-and modalities. A cluster alerts when its current window holds at least ``min_count`` posts from at
+tumbling window, a bounded sample of members (for the medoid and examples), the ids of its most recent
+members (bounded, ``MAX_RECENT_IDS``: what an alert names for review), distinct authors (bounded) and
+modalities. A cluster alerts when its current window holds at least ``min_count`` posts from at
 least ``min_authors`` distinct authors and has grown ``min_growth`` times over its trailing baseline
 (mean of the previous ``baseline_windows`` windows, floor 1). Alerts are deduplicated: after alerting at
 count c, the next alert needs ``escalation_factor`` × c (an escalation, level + 1).
@@ -22,6 +23,10 @@ from schemas.events import AlertEvent, WindowCount
 
 MAX_MEMBERS = 20
 MAX_AUTHORS = 2000
+# An alert names the cluster's members so the review console can queue every one of them (not only the
+# examples). Bounded: a cluster's state is one changelog record, and an alert one Kafka message (500 ids
+# of ~40 bytes is ~20 KB). A cluster that outgrows it is named by its most recent members.
+MAX_RECENT_IDS = 500
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class Cluster:
     size: int = 0
     windows: dict[int, int] = field(default_factory=dict)  # window start (epoch s) -> count
     members: list[dict[str, Any]] = field(default_factory=list)  # {post_id, text, vec}
+    # [ts, post_id] of the most recent MAX_RECENT_IDS members, oldest first (a state written before this
+    # field existed reads as empty and fills up from the next member on)
+    recent: list[list[Any]] = field(default_factory=list)
     authors: list[str] = field(default_factory=list)
     modalities: dict[str, int] = field(default_factory=dict)
     first_seen: float = 0.0
@@ -100,12 +108,18 @@ def add(
         del c.windows[old]
     if len(c.members) < MAX_MEMBERS:
         c.members.append({"post_id": post_id, "text": text, "vec": [round(float(x), 4) for x in vec]})
+    c.recent = _newest([*c.recent, [ts, post_id]])
     if author not in c.authors and len(c.authors) < MAX_AUTHORS:
         c.authors.append(author)
     c.modalities[modality] = c.modalities.get(modality, 0) + 1
     c.first_seen = min(c.first_seen or ts, ts)
     c.last_seen = max(c.last_seen, ts)
     return c
+
+
+def _newest(recent: list[list[Any]]) -> list[list[Any]]:
+    """The ``MAX_RECENT_IDS`` most recent [ts, post_id] pairs, oldest first (stable for equal times)."""
+    return sorted(recent, key=lambda r: float(r[0]))[-MAX_RECENT_IDS:]
 
 
 def merge_near_duplicates(clusters: dict[str, Cluster], cfg: ClusterConfig) -> list[tuple[str, str]]:
@@ -127,6 +141,7 @@ def merge_near_duplicates(clusters: dict[str, Cluster], cfg: ClusterConfig) -> l
             for w, n in cb.windows.items():
                 ca.windows[w] = ca.windows.get(w, 0) + n
             ca.members = (ca.members + cb.members)[:MAX_MEMBERS]
+            ca.recent = _newest(ca.recent + cb.recent)
             ca.authors = list(dict.fromkeys(ca.authors + cb.authors))[:MAX_AUTHORS]
             for m, n in cb.modalities.items():
                 ca.modalities[m] = ca.modalities.get(m, 0) + n
@@ -159,6 +174,7 @@ def check_alert(c: Cluster, cfg: ClusterConfig, now_ts: float) -> AlertEvent | N
         representative=c.medoid(),
         examples=[m["post_id"] for m in ex],
         example_descriptions=[m["text"] for m in ex],
+        member_ids=[str(pid) for _, pid in c.recent],
         size=c.size,
         counts_per_window=[
             WindowCount(window_start=datetime.fromtimestamp(k, UTC), count=v)

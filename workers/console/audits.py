@@ -54,9 +54,10 @@ class ReplaySummary:
 class AuditView:
     """Reads the audit topic at most every ``ttl_s`` seconds (a topic scan)."""
 
-    def __init__(self, settings: ConsoleSettings, ttl_s: float = 15.0) -> None:
+    def __init__(self, settings: ConsoleSettings, ttl_s: float = 15.0, read_timeout_s: float = 10.0) -> None:
         self.s = settings
         self.ttl_s = ttl_s
+        self.read_timeout_s = read_timeout_s
         self._lock = threading.Lock()
         self._at = 0.0
         self._replays: dict[str, ReplaySummary] = {}
@@ -67,7 +68,13 @@ class AuditView:
                 return self._replays
             out: dict[str, ReplaySummary] = {}
             try:
-                records = read_records(self.s.bootstrap_servers, self.s.audit_topic, timeout_s=10)
+                # the worker's TLS/SASL settings too: the audit topic lives on the same cluster
+                records = read_records(
+                    self.s.bootstrap_servers,
+                    self.s.audit_topic,
+                    timeout_s=self.read_timeout_s,
+                    extra=self.s.kafka_extra,
+                )
             except Exception as exc:
                 log.warning("console_audits_unreadable", error=str(exc)[:200])
                 records = []

@@ -73,7 +73,7 @@ class ClusterView:
         with self._lock:
             if time.monotonic() - self._at < self.ttl_s:
                 return self._live
-            from workers.alerts.app import read_clusters
+            from workers.alerts.changelog import read_clusters  # no faust: the console runs without it
 
             out: dict[str, ClusterRow] = {}
             try:
@@ -110,7 +110,7 @@ class ClusterView:
                 last_seen=a.last_seen,
                 level=a.level,
                 growth=a.growth,
-                members=sorted({*a.examples, *(live.members if live else [])}),
+                members=sorted({*a.examples, *(a.member_ids or []), *(live.members if live else [])}),
                 descriptions=list(a.example_descriptions[:5]),
                 modalities=dict(a.modalities),
                 bars=live.bars if live else bars([(w.window_start, w.count) for w in a.counts_per_window]),

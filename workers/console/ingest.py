@@ -6,7 +6,8 @@ post id), so a re-delivered record changes nothing. Several console replicas sha
 
 What enters the queue (``Reason``): abstained verdicts; dead letters of the engine (unparseable output,
 failed engine) — the post is decoded from the dead letter's original bytes; verdicts whose ``p_unsafe``
-lies in the configured band; verdicts with a novel-risk description; posts of an alerted cluster.
+lies in the configured band; verdicts with a novel-risk description; posts of an alerted cluster (every
+member the alert names, in either order of alert and verdict).
 Verdicts carry no post content, so a queued verdict's post is read back from its source offset.
 Reviews (from this console or ``guardstream review``) close items.
 """
@@ -53,8 +54,9 @@ def reasons_for(v: VerdictEvent, band: tuple[float, float]) -> list[Reason]:
     p = v.scores.p_unsafe
     if p is not None and v.safe is not None and band[0] <= p <= band[1]:
         out.append(Reason.UNCERTAIN)
-    # a described novel risk, or unsafe outside the taxonomy: what the alerts app clusters, too
-    if v.novel_risk or (v.safe is False and not (v.category or v.subcategory)):
+    # a described novel risk, or unsafe outside the taxonomy: exactly what the alerts app clusters
+    # (workers.alerts.app.describe), so every member of an alerted cluster is an item here
+    if v.novel_risk or (v.safe is False and not v.category):
         out.append(Reason.NOVEL_RISK)
     return out
 
@@ -191,7 +193,16 @@ class Ingester:
             elif topic == s.alerts_topic:
                 a = AlertEvent.model_validate_json(value)
                 self.store.record_alert(a)
-                self.store.add_cluster_members(a.cluster_id, list(a.examples))
+                # Every member the alert names (``member_ids``; only ``examples`` in alerts from before
+                # that field), not a guess from the descriptions: the alerts app alone knows which
+                # cluster a post joined. This is correct in either arrival order because every member is
+                # a novel-risk verdict (what the alerts app clusters is what ``reasons_for`` queues as
+                # NOVEL_RISK): a verdict ingested before the alert is an item already and is tagged now;
+                # one ingested after finds the ``pending:`` mark left here and is tagged on upsert.
+                # Tagging only novel-risk verdicts already in the store would miss the verdicts that
+                # arrive after their alert, and could not tell which cluster a verdict belongs to.
+                members = list(dict.fromkeys([*(a.member_ids or []), *a.examples]))
+                self.store.add_cluster_members(a.cluster_id, members)
                 self.stats.alerts += 1
             elif topic == s.reviews_topic and self.store.mark_labelled(
                 ReviewEvent.model_validate_json(value)

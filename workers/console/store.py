@@ -185,8 +185,12 @@ class QueueStore:
         self._release = self.r.register_script(_RELEASE)
 
     # ------------------------------------------------------------------ keys
+    @staticmethod
+    def item_key(prefix: str, post_id: str) -> str:
+        return f"{prefix}item:{post_id}"
+
     def _item(self, post_id: str) -> str:
-        return f"{self.p}item:{post_id}"
+        return self.item_key(self.p, post_id)
 
     def _claim_key(self, post_id: str) -> str:
         return f"{self.p}claim:{post_id}"
