@@ -11,7 +11,6 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from guard.engines import EngineKind, EngineOptions
-from workers.alerts.clustering import ClusterConfig
 
 
 class DeliveryMode(StrEnum):
@@ -122,16 +121,6 @@ class Settings(BaseSettings):
 
     # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together
     decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=16 * 1024 * 1024)
-
-    def cluster_config(self) -> ClusterConfig:
-        return ClusterConfig(
-            join_threshold=self.alert_join_threshold,
-            merge_threshold=self.alert_merge_threshold,
-            window_s=self.alert_window_s,
-            min_count=self.alert_min_count,
-            min_authors=self.alert_min_authors,
-            min_growth=self.alert_min_growth,
-        )
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(

@@ -15,6 +15,12 @@ statements alike, since a lazy import inside a function is still a dependency), 
   code paths -- the worker, console, audits, alerts -- must run against a real cluster with no ``infra``
   on the path.
 
+Inside ``workers`` the same rule holds between its parts, lowest first (``WORKERS_LAYERS``): settings,
+secrets and observability know nothing above them; media and the cache sit on those; the transport-free
+``pipeline`` on media and cache; ``kafka`` (clients, offsets, the worker loop) on the pipeline; the
+applications (wiring, audit, alerts, console, reviews, redrive, tail, produce, preflight, demo) on
+``kafka``; ``cli`` on everything. A module imports only from its own layer or below.
+
 Relative imports are not used in this code base; a relative import is reported too so that it cannot hide a
 dependency from this test.
 """
@@ -36,6 +42,36 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 INFRA_ALLOWED = ("infra/", "workers/cli/", "workers/demo", "bench/", "tests/")
 # the composition root may reach up into `training`
 TRAINING_ALLOWED_IN_WORKERS = ("workers/cli/",)
+
+
+# workers' parts, lowest first; a module may import from its own layer and the ones before it
+WORKERS_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("workers.settings", "workers.secrets", "workers.observability"),
+    ("workers.media", "workers.cache"),
+    ("workers.pipeline",),
+    ("workers.kafka",),
+    (
+        "workers.wiring",
+        "workers.audit",
+        "workers.alerts",
+        "workers.console",
+        "workers.reviews",
+        "workers.redrive",
+        "workers.tail",
+        "workers.produce",
+        "workers.preflight",
+        "workers.demo",
+    ),
+    ("workers.cli",),
+)
+
+
+def workers_layer(module: str) -> int | None:
+    """The layer of a ``workers.*`` module (or None for ``workers`` itself / an unlisted part)."""
+    for i, parts in enumerate(WORKERS_LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in parts):
+            return i
+    return None
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -60,23 +96,33 @@ def python_files() -> list[Path]:
     return sorted(files)
 
 
+def problem(rel: str, module: str) -> str | None:
+    """Why file ``rel`` (repo-relative, '/'-separated) may not import ``module``, or None if it may."""
+    owner = rel.split("/", 1)[0]
+    if module.startswith("."):
+        return "relative import; use the absolute package path"
+    top = module.split(".", 1)[0]
+    if top in FORBIDDEN.get(owner, frozenset()):
+        if not (top == "training" and rel.startswith(TRAINING_ALLOWED_IN_WORKERS)):
+            return f"{owner} must not depend on {top}"
+    elif top == "infra" and not rel.startswith(INFRA_ALLOWED):
+        return "only the CLI, the demo, bench and tests may use the local stack"
+    if owner == "workers" and top == "workers":
+        mine = workers_layer(rel.removesuffix(".py").replace("/", "."))
+        theirs = workers_layer(module)
+        if mine is not None and theirs is not None and theirs > mine:
+            return "a lower part of workers must not depend on a higher one"
+    return None
+
+
 def violations() -> list[str]:
     bad: list[str] = []
     for path in python_files():
         rel = path.relative_to(ROOT).as_posix()
-        owner = rel.split("/", 1)[0]
         for line, module in imported_modules(path):
-            where = f"{rel}:{line} imports {module}"
-            if module.startswith("."):
-                bad.append(f"{where} (relative import; use the absolute package path)")
-                continue
-            top = module.split(".", 1)[0]
-            if top in FORBIDDEN.get(owner, frozenset()):
-                if top == "training" and rel.startswith(TRAINING_ALLOWED_IN_WORKERS):
-                    continue
-                bad.append(f"{where} ({owner} must not depend on {top})")
-            elif top == "infra" and not rel.startswith(INFRA_ALLOWED):
-                bad.append(f"{where} (only the CLI, the demo, bench and tests may use the local stack)")
+            why = problem(rel, module)
+            if why:
+                bad.append(f"{rel}:{line} imports {module} ({why})")
     return bad
 
 
@@ -89,6 +135,29 @@ def test_scanner_sees_function_level_imports(tmp_path: Path) -> None:
 def test_the_tree_has_packages_to_check() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in python_files()}
     assert "schemas/events.py" in names and "workers/cli/__init__.py" in names
+
+
+def test_every_part_of_workers_has_a_layer() -> None:
+    # a new package under workers/ must be placed in WORKERS_LAYERS, or the rule would skip it
+    parts = {
+        "workers." + p.relative_to(ROOT / "workers").with_suffix("").parts[0]
+        for p in (ROOT / "workers").rglob("*.py")
+        if p.name != "__init__.py" or p.parent != ROOT / "workers"
+    }
+    assert {p for p in parts if workers_layer(p) is None} == set()
+
+
+def test_a_lower_part_of_workers_importing_a_higher_one_is_reported() -> None:
+    # the settings once imported the alerts app's clustering (ClusterConfig): now reported
+    assert problem("workers/settings.py", "workers.alerts.clustering")
+    assert problem("workers/pipeline/moderator.py", "workers.kafka.worker")
+    assert problem("workers/kafka/worker.py", "workers.cli.base")
+    assert problem("workers/media.py", "workers.pipeline.records")
+    # downwards and sideways within a layer are fine
+    assert problem("workers/alerts/clustering.py", "workers.settings") is None
+    assert problem("workers/kafka/worker.py", "workers.pipeline.moderator") is None
+    assert problem("workers/console/app.py", "workers.wiring") is None
+    assert problem("workers/cli/worker.py", "workers.kafka.worker") is None
 
 
 def test_dependencies_flow_one_way() -> None:

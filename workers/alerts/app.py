@@ -26,7 +26,7 @@ except ImportError as exc:  # one line naming `pip install 'guardstream[alerts]'
     raise MissingExtra("alerts", "faust") from exc
 from workers.alerts.changelog import TABLE
 from workers.alerts.changelog import read_clusters as read_clusters  # re-exported (CLI, tests)
-from workers.alerts.clustering import Cluster, add, check_alert, merge_near_duplicates
+from workers.alerts.clustering import Cluster, ClusterConfig, add, check_alert, merge_near_duplicates
 from workers.kafka.config import faust_broker_kwargs
 from workers.settings import Settings
 
@@ -42,7 +42,7 @@ def describe(ev: dict[str, Any]) -> str | None:
 
 
 def build_app(settings: Settings) -> faust.App:
-    cfg = settings.cluster_config()
+    cfg = ClusterConfig.from_settings(settings)
     app = faust.App(
         settings.alerts_app_id,
         broker=f"kafka://{settings.bootstrap_servers}",

@@ -15,11 +15,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from schemas.events import AlertEvent, WindowCount
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
 
 MAX_MEMBERS = 20
 MAX_AUTHORS = 2000
@@ -41,6 +44,18 @@ class ClusterConfig:
     min_growth: float = 3.0
     escalation_factor: float = 2.0
     examples: int = 5
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ClusterConfig:
+        """The ``GUARDSTREAM_ALERT_*`` settings (the settings know nothing of the alerts app)."""
+        return cls(
+            join_threshold=s.alert_join_threshold,
+            merge_threshold=s.alert_merge_threshold,
+            window_s=s.alert_window_s,
+            min_count=s.alert_min_count,
+            min_authors=s.alert_min_authors,
+            min_growth=s.alert_min_growth,
+        )
 
 
 @dataclass

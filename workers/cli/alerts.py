@@ -29,9 +29,10 @@ def clusters(
 ) -> int:
     """Print the alerts app's current clusters (from its changelog)."""
     from workers.alerts.app import read_clusters
+    from workers.alerts.clustering import ClusterConfig
 
     s = load_settings(bootstrap_servers=bootstrap_servers)
-    cfg = s.cluster_config()
+    cfg = ClusterConfig.from_settings(s)
     rows: list[dict[str, Any]] = []
     for c in sorted(read_clusters(s).values(), key=lambda c: -c.size)[:limit]:
         w = int(c.last_seen // cfg.window_s) * cfg.window_s
