@@ -10,6 +10,26 @@ applied, which distorts the label probabilities. Loading uses ``dtype=`` (transf
 
 Slower than vLLM (static batches, no paged attention or prefix cache); use it to debug prompts or
 compare outputs. Model and processor are injectable for tests.
+
+Failures (``classify_failure``; the engine sits behind ``guard.streaming.MicroBatcher``):
+
+- **the device is gone** → ``EngineDeadError``, which the MicroBatcher hands to every request of the
+  batch without re-running any, and the worker holds them (never a dead letter; exit 3 past
+  ``ENGINE_DEADLINE_S``): ``torch.AcceleratorError`` (torch ≥ 2.8: "CUDA error: an illegal memory
+  access", "device-side assert triggered" — sticky, the CUDA context is unusable until the process
+  restarts), ``torch.distributed.DistBackendError`` (NCCL), and on older torch a ``RuntimeError`` whose
+  message starts with "CUDA error", "CUDA driver", "cuDNN error" or names NCCL/CUBLAS — looked for
+  along the exception's cause/context chain too (CUDA errors surface asynchronously, at the next
+  synchronising call, which may be inside the processor, ``generate`` or the host transfer).
+- **out of memory** (``torch.OutOfMemoryError``, "CUDA error: out of memory") on a batch of several →
+  a plain ``EngineError`` after ``torch.cuda.empty_cache()``: a batch-size problem, so the MicroBatcher
+  re-runs the batch item by item, and one item alone fits where 32 did not. OOM on **one** item is that
+  item's ``EngineRequestError`` (its prompt or image is what does not fit: its neighbours ran) — unless
+  the engine has not completed anything since the previous lone-item OOM: two single items in a row that
+  cannot fit say the device has no room for any request (another process holds the memory, the model
+  is too big for the card) → ``EngineDeadError``, no post blamed.
+- **anything else** (the processor refusing an input, a shape error) → ``EngineError`` for the batch:
+  re-run item by item, so only the item that fails alone fails.
 """
 
 from __future__ import annotations
@@ -21,7 +41,7 @@ from typing import Any
 from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
 from guard.parser import parse_output
 from guard.prompts import PromptSet
-from guard.types import EngineError, ModerationItem, Verdict
+from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
 from schemas.events import Modality
 
 
@@ -77,6 +97,7 @@ class TransformersEngine:
             ).eval()  # type: ignore[no-untyped-call]
         processor.tokenizer.padding_side = "left"  # decoder-only batch generation
         self.model, self.processor = model, processor
+        self._lone_oom = False  # a single item ran out of memory and nothing has completed since
 
     def build_inputs(self, items: list[ModerationItem]) -> tuple[list[str], list[Any]]:
         texts: list[str] = []
@@ -104,19 +125,32 @@ class TransformersEngine:
         return kw
 
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
+        if self.model is None:
+            raise EngineDeadError("transformers engine is closed")
+        try:
+            verdicts = self._moderate(batch)
+        except EngineError:
+            raise
+        except Exception as exc:
+            err = classify_failure(exc, len(batch), oom_before=self._lone_oom)
+            if is_out_of_memory(exc):
+                _empty_cache()
+                self._lone_oom = self._lone_oom or len(batch) == 1
+            raise err from exc
+        self._lone_oom = False  # the device completed a batch: a later lone OOM is that item's again
+        return verdicts
+
+    def _moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
         import torch
 
         expanded = expand(batch)
         texts, images = self.build_inputs([it for _, it in expanded])
-        try:
-            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-            inputs = inputs.to(self.model.device)
-            if self.config.temperature > 0:
-                torch.manual_seed(self.config.seed)
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, **self.generate_kwargs())
-        except Exception as exc:
-            raise EngineError(f"transformers generate failed: {type(exc).__name__}: {exc}") from exc
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if self.config.temperature > 0:
+            torch.manual_seed(self.config.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generate_kwargs())
         gen = out.sequences[:, inputs["input_ids"].shape[1] :]
         decoded = self.processor.batch_decode(gen, skip_special_tokens=True)
         tok = self.processor.tokenizer
@@ -149,6 +183,85 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+# RuntimeError messages of device failures on torch < 2.8 (no AcceleratorError) and of the libraries
+# under it; matched at the start ("CUDA error: ...") or anywhere (NCCL, CUBLAS_STATUS_...).
+_DEVICE_PREFIXES = ("CUDA error", "CUDA driver", "cuDNN error", "CUDA kernel errors")
+_DEVICE_WORDS = ("NCCL", "CUBLAS_STATUS", "device-side assert", "illegal memory access")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out and len(out) < 16:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    for e in _chain(exc):
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        msg = str(e)
+        if isinstance(e, RuntimeError) and (
+            "CUDA out of memory" in msg or msg.startswith("CUDA error: out of memory")
+        ):
+            return True
+    return False
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """The accelerator (or the link between accelerators) failed: nothing the input did can be retried."""
+    import torch
+
+    dead_types: tuple[type[BaseException], ...] = tuple(
+        t for t in (getattr(torch, "AcceleratorError", None), _dist_backend_error()) if isinstance(t, type)
+    )
+    for e in _chain(exc):
+        if dead_types and isinstance(e, dead_types):
+            return True
+        if isinstance(e, RuntimeError):
+            msg = str(e)
+            if msg.startswith(_DEVICE_PREFIXES) or any(w in msg for w in _DEVICE_WORDS):
+                return True
+    return False
+
+
+def _dist_backend_error() -> type[BaseException] | None:
+    try:
+        from torch.distributed import DistBackendError
+    except ImportError:  # torch built without distributed
+        return None
+    return DistBackendError
+
+
+def classify_failure(exc: BaseException, batch_size: int, *, oom_before: bool = False) -> EngineError:
+    """What a failure of ``moderate`` on ``batch_size`` items means (see the module docstring)."""
+    what = f"transformers generate failed: {type(exc).__name__}: {exc}"[:1000]
+    if is_out_of_memory(exc):
+        if batch_size > 1:
+            return EngineError(f"{what} (a batch of {batch_size}: re-run item by item)")
+        if oom_before:
+            return EngineDeadError(
+                f"{what}: two single requests in a row did not fit in device memory; free the GPU or "
+                "lower GUARDSTREAM_VLLM_MAX_PIXELS / GUARDSTREAM_VLLM_MAX_TOKENS"
+            )
+        return EngineRequestError(f"{what} (this one input does not fit in device memory)")
+    if is_device_failure(exc):
+        return EngineDeadError(f"{what} (the device failed: restart the worker; check the GPU)")
+    return EngineError(what)
+
+
+def _empty_cache() -> None:
+    """Hand the allocator's cached blocks back after an OOM, so the item-by-item re-run has them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _top_logprobs(step_logits: Any, k: int) -> tuple[list[list[list[float]]], list[list[list[int]]]]:

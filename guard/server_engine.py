@@ -8,11 +8,18 @@ ceil(max_concurrency / 16) ``httpx.AsyncClient``s of at most 16 connections each
 least-loaded one (why: see ``CONNECTIONS_PER_CLIENT``). ``ServerEngine`` is the batch ``GuardEngine``
 kept for replay and the bench's batch baseline.
 
-Failures, per request: 5xx/408/409/429 and timeouts are retried with jittered exponential backoff up to
-``max_attempts``, then ``EngineRequestError`` (that post fails). A server that cannot be reached
-(connection refused, connect timeout) is retried until it has been failing for ``dead_after_s``, then
-``EngineDeadError``: the engine is gone, no post is to blame. The same holds when every request has been
-failing (no success at all) for ``dead_after_s`` when a request runs out of attempts.
+Failures, per request. What is the post's own is an ``EngineRequestError`` (that post fails): a
+4xx other than the ones below (400 "prompt too long", 413, 422...), or a 200 whose body is not a chat
+completion. What is the server's is infrastructure, never the post's: 5xx, 408/409/429, timeouts and
+transport errors (connection refused or reset, connect timeout) are retried with jittered exponential
+backoff (capped at ``backoff_max_s``) for as long as the server has been failing for less than
+``dead_after_s`` (no success on any request since the first failure), then ``EngineDeadError``: the
+worker holds the posts uncommitted, retries them with backoff and exits (code 3) past
+``ENGINE_DEADLINE_S``. A 5xx burst shorter than ``dead_after_s`` costs latency, not dead letters. Only when
+the server keeps failing one request for ``dead_after_s`` while answering other requests in between
+(the server is up, this request is what fails) is that request an ``EngineRequestError``. 401/403/404/407
+say the configuration is wrong (API key, URL, model name): ``EngineDeadError`` at once, naming the
+setting, since no post could succeed.
 
 Credentials: ``api_key`` goes as ``Authorization: Bearer``; userinfo in ``base_url``
 (``https://user:pass@host/v1``) is stripped from the URL and sent as HTTP basic auth. Neither ever
@@ -63,10 +70,12 @@ class ServerConfig:
     max_in_flight: int | None = None  # posts the worker keeps outstanding; None: max_concurrency
     timeout_s: float = 120.0  # one request, end to end
     connect_timeout_s: float = 5.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # the batch ServerEngine only; the streaming engine retries by time (dead_after_s)
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
-    dead_after_s: float = 15.0  # failing (unreachable, or no success at all) this long: engine dead
+    # the server failing (unreachable, or no success at all) this long: engine dead; one request failing
+    # this long while the server answers others: that request's error
+    dead_after_s: float = 15.0
     temperature: float = 0.0
     max_tokens: int = 1024
     top_logprobs: int = 5
@@ -115,6 +124,16 @@ def _retryable_status(code: int) -> bool:
     return code in (408, 409, 429) or code >= 500
 
 
+# Statuses no post could get past: the engine's configuration is wrong (the fix, by setting).
+_CONFIG_STATUS = {
+    401: "set GUARDSTREAM_VLLM_SERVER_API_KEY (or the credentials in GUARDSTREAM_VLLM_SERVER_URL)",
+    403: "set GUARDSTREAM_VLLM_SERVER_API_KEY (or the credentials in GUARDSTREAM_VLLM_SERVER_URL)",
+    404: "check GUARDSTREAM_VLLM_SERVER_URL (the API root, ending in /v1) and GUARDSTREAM_VLLM_SERVER_MODEL "
+    "(the --served-model-name)",
+    407: "the proxy between the worker and GUARDSTREAM_VLLM_SERVER_URL wants credentials",
+}
+
+
 class AsyncServerEngine:
     """``StreamingEngine`` on a vLLM OpenAI-compatible server: one chat completion per prompt."""
 
@@ -144,6 +163,7 @@ class AsyncServerEngine:
         self._load: list[int] = []  # requests in flight per client
         self._slots = asyncio.Semaphore(c.max_concurrency)
         self._failing_since: float | None = None  # first failure since the last success
+        self._last_success = float("-inf")  # when the server last answered any request
         self._closed = False
 
     def request_body(self, item: ModerationItem) -> dict[str, Any]:
@@ -203,8 +223,9 @@ class AsyncServerEngine:
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         c = self.config
-        attempts = 0
         waits = 0
+        mine_since: float | None = None  # this request's first failure
+        watch_from = time.monotonic()  # this request's previous failure (its first attempt before one)
         while True:
             if self._closed:
                 raise EngineDeadError("server engine closed while a request was in flight")
@@ -217,41 +238,48 @@ class AsyncServerEngine:
             except (httpx.TransportError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
-                if resp.status_code == 200:
-                    self._failing_since = None
+                code = resp.status_code
+                if code == 200:
+                    self._answered()
                     try:
                         data: dict[str, Any] = resp.json()
                     except ValueError as exc:
                         raise EngineRequestError(f"chat completion is not JSON: {exc}") from None
                     return data
-                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if not _retryable_status(resp.status_code):
-                    self._failing_since = None  # it answered: the server is up, this request is bad
+                last = f"HTTP {code}: {resp.text[:300]}"
+                if code in _CONFIG_STATUS:
+                    # no post could succeed: the configuration is wrong, not this post
+                    raise EngineDeadError(
+                        f"vLLM server {self.display_url} refused the request ({last}): {_CONFIG_STATUS[code]}"
+                    )
+                if not _retryable_status(code):
+                    self._answered()  # it answered: the server is up, this request is bad
                     raise EngineRequestError(f"chat completion rejected: {last}")
             now = time.monotonic()
             if self._failing_since is None:
                 self._failing_since = now
                 # once per outage, not once per retry of each of up to max_concurrency requests
                 log.warning("vllm server failing", server=self.display_url, error=last[:200])
-            failing_for = now - self._failing_since
+            if mine_since is None:
+                mine_since = now
             if self._closed:
                 raise EngineDeadError("server engine closed while a request was in flight")
-            if unreachable:
-                # not the post's fault: keep trying until the grace is spent, then the engine is dead
-                if failing_for >= c.dead_after_s:
-                    raise EngineDeadError(
-                        f"vLLM server {self.display_url} unreachable for {failing_for:.1f}s "
-                        f"(VLLM_SERVER_URL; is `vllm serve` up?): {last}"
-                    )
-            else:
-                attempts += 1
-                if attempts >= c.max_attempts:
-                    if failing_for >= c.dead_after_s:
-                        raise EngineDeadError(
-                            f"vLLM server {self.display_url} has failed every request for "
-                            f"{failing_for:.1f}s: {last}"
-                        )
-                    raise EngineRequestError(f"chat completion failed after {attempts} attempt(s): {last}")
+            if self._last_success > watch_from and now - mine_since >= c.dead_after_s:
+                # other requests were answered since this one last failed, and it has been failing
+                # for dead_after_s: the server is up and it is this request that it cannot serve
+                raise EngineRequestError(
+                    f"chat completion failed for {now - mine_since:.1f}s while the server answered "
+                    f"other requests: {last}"
+                )
+            failing_for = now - self._failing_since
+            if failing_for >= c.dead_after_s:
+                # not the post's fault: the server has answered nothing for dead_after_s
+                what = "unreachable" if unreachable else "failing every request"
+                raise EngineDeadError(
+                    f"vLLM server {self.display_url} {what} for {failing_for:.1f}s "
+                    f"(GUARDSTREAM_VLLM_SERVER_URL; is `vllm serve` up and healthy?): {last}"
+                )
+            watch_from = now
             delay = min(c.backoff_max_s, c.backoff_base_s * (2**waits)) * (0.5 + random.random())
             waits += 1
             log.debug(
@@ -259,10 +287,22 @@ class AsyncServerEngine:
                 server=self.display_url,
                 error=last[:200],
                 unreachable=unreachable,
-                attempt=attempts,
+                attempt=waits,
                 delay_s=round(delay, 3),
             )
             await asyncio.sleep(delay)
+
+    def _answered(self) -> None:
+        """The server answered a request (a completion, or a refusal that is the request's own)."""
+        now = time.monotonic()
+        self._last_success = now
+        if self._failing_since is not None:
+            log.info(
+                "vllm server answering again",
+                server=self.display_url,
+                failed_for_s=round(now - self._failing_since, 1),
+            )
+            self._failing_since = None
 
     async def aclose(self) -> None:
         self._closed = True

@@ -4,7 +4,9 @@
 ``judge`` calls queue up and are flushed as one batch when ``max_batch_size`` items are waiting or the
 oldest has waited ``max_wait_s``. The batch runs on a worker thread (the model call releases the GIL),
 and while it runs the next batch fills, so a CPU or transformers engine keeps the worker's single path.
-A failing batch is re-run item by item, so one poison item fails only its own request.
+A failing batch is re-run item by item, so one poison item fails only its own request. An
+``EngineDeadError`` (the device or the engine is gone: no post is to blame) is not re-run: it is handed
+to every request of the batch, and of the item-by-item re-run when the engine dies during one.
 """
 
 from __future__ import annotations

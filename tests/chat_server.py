@@ -1,7 +1,10 @@
 """A small local HTTP server implementing the subset of the OpenAI chat-completions API that
 ``vllm serve`` exposes and the server engine uses. It validates each request like vLLM would for a
 single-image model, decodes the data-URL images, and answers with canned ProGuard-format text chosen
-by the test (``respond``), with per-token logprobs."""
+by the test (``respond``), with per-token logprobs. ``GET /v1/models`` lists ``served_models`` (the
+worker's start-up probe). Failures can be planted by count (``fail_first``), for a span of time
+(``fail_until``, or ``outage_s`` from the first request on: a server that is down, then recovers) or
+per request (``fail_if``: a status for one post while the server answers the others)."""
 
 from __future__ import annotations
 
@@ -35,9 +38,14 @@ class ChatServer:
     label_confidence: float = -0.05  # logprob of the chosen safe/unsafe label
     fail_first: int = 0  # answer 503 to this many requests first
     fail_status: int = 503  # the status of those failures
+    fail_until: float = 0.0  # time.monotonic() before which every request gets fail_status
+    outage_s: float = 0.0  # from the first chat request on, every request gets fail_status this long
+    fail_if: Callable[[dict[str, Any]], int | None] | None = None  # a status to fail this request with
+    served_models: list[str] = field(default_factory=lambda: ["ProGuard-7B"])  # GET /v1/models
     delay: Callable[[dict[str, Any]], float] | None = None  # seconds to "generate" a request's answer
     requests: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each POST
+    get_headers: list[dict[str, str]] = field(default_factory=list)  # of each GET /v1/models
     completed: list[str] = field(default_factory=list)  # user texts, in the order their answers were sent
     received: threading.Event = field(default_factory=threading.Event)  # set at the first request
     images: list[Image.Image] = field(default_factory=list)
@@ -60,6 +68,14 @@ class ChatServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:
+                if self.path != "/v1/models":
+                    return self._send(404, {"error": {"message": "not found"}})
+                with server._lock:
+                    server.get_headers.append(dict(self.headers.items()))
+                data = [{"id": m, "object": "model", "owned_by": "vllm"} for m in server.served_models]
+                return self._send(200, {"object": "list", "data": data})
+
             def do_POST(self) -> None:
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": "not found"}})
@@ -69,12 +85,19 @@ class ChatServer:
                     server.received.set()
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
-                    fail = server.fail_first > 0
-                    if fail:
+                    status: int | None = None
+                    if server.outage_s and not server.fail_until:  # the outage starts now
+                        server.fail_until = time.monotonic() + server.outage_s
+                    if server.fail_first > 0:
                         server.fail_first -= 1
+                        status = server.fail_status
+                    elif time.monotonic() < server.fail_until:
+                        status = server.fail_status
+                    elif server.fail_if is not None:
+                        status = server.fail_if(body)
                 try:
-                    if fail:
-                        return self._send(server.fail_status, {"error": {"message": "engine overloaded"}})
+                    if status is not None:
+                        return self._send(status, {"error": {"message": "engine overloaded"}})
                     err = server.validate(body)
                     if err:
                         return self._send(400, {"error": {"message": err}})

@@ -34,6 +34,9 @@ class CheckResult:
     ok: bool
     detail: str
     fix: str | None = None
+    # a dependency that is down (it may come back: a server still loading its model, a restart), not a
+    # setting that is wrong; the worker starts anyway and rides it out as an outage
+    transient: bool = False
 
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
@@ -206,29 +209,47 @@ def check_engine(s: Settings, engine: GuardEngine | None = None) -> CheckResult:
 
 
 def _probe_server(s: Settings) -> CheckResult:
+    """``GET {VLLM_SERVER_URL}/models``: reachable, accepted, and serving ``VLLM_SERVER_MODEL``. A server
+    that cannot be reached or answers 5xx is ``transient`` (``vllm serve`` takes minutes to load a model);
+    a refusal (401/403), a wrong URL (404, not a model list) or a model it does not serve is a setting."""
     import httpx
 
     url = s.vllm_server_url.rstrip("/") + "/models"
+    where = f"vllm-server {mask_url(url)}"
     headers = {"Authorization": f"Bearer {s.vllm_server_api_key}"} if s.vllm_server_api_key else {}
+    fix_reach = "start `vllm serve` or fix GUARDSTREAM_VLLM_SERVER_URL"
     try:
         r = httpx.get(url, headers=headers, timeout=5.0)
+    except httpx.HTTPError as exc:
+        detail = f"{where}: {type(exc).__name__}: {mask_urls_in(str(exc))}"[:300]
+        return CheckResult("engine", False, detail, fix_reach, transient=True)
+    if r.status_code >= 500:
+        return CheckResult("engine", False, f"{where}: HTTP {r.status_code}", fix_reach, transient=True)
+    if r.status_code in (401, 403):
+        return CheckResult(
+            "engine",
+            False,
+            f"{where}: HTTP {r.status_code} (refused)",
+            "set GUARDSTREAM_VLLM_SERVER_API_KEY (or the credentials in GUARDSTREAM_VLLM_SERVER_URL)",
+        )
+    try:
         r.raise_for_status()
         served = [m.get("id") for m in r.json().get("data", [])]
     except Exception as exc:
         return CheckResult(
             "engine",
             False,
-            f"vllm-server {mask_url(url)}: {type(exc).__name__}: {mask_urls_in(str(exc))}"[:300],
-            "start `vllm serve` or fix GUARDSTREAM_VLLM_SERVER_URL / GUARDSTREAM_VLLM_SERVER_API_KEY",
+            f"{where}: not a model list ({type(exc).__name__}: {mask_urls_in(str(exc))})"[:300],
+            "set GUARDSTREAM_VLLM_SERVER_URL to the OpenAI API root of `vllm serve` (ending in /v1)",
         )
     if s.vllm_server_model not in served:
         return CheckResult(
             "engine",
             False,
-            f"vllm-server {mask_url(url)} serves {served}, not {s.vllm_server_model!r}",
+            f"{where} serves {served}, not {s.vllm_server_model!r}",
             "set GUARDSTREAM_VLLM_SERVER_MODEL to the --served-model-name",
         )
-    return CheckResult("engine", True, f"vllm-server {mask_url(url)} serves {s.vllm_server_model}")
+    return CheckResult("engine", True, f"{where} serves {s.vllm_server_model}")
 
 
 CHECKS: tuple[tuple[str, Callable[..., CheckResult]], ...] = (

@@ -3,19 +3,23 @@
 Each poison below crashed the previous worker on every restart (a lone surrogate in the content hasher,
 Pillow's IndexError on a truncated GIF, TypeError on a TIFF, NotImplementedError paths of DDS...). A
 mixed stream of them between valid posts must give exactly one verdict or dead letter per post, with a
-stable error code, and the worker must drain the topic and return normally.
+stable error code, and the worker must drain the topic and exit 0: the real ``guardstream worker
+--until-drained`` runs as a subprocess over the stream (its pre-flight checks, wiring and exit code
+included).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections import Counter
 
 import pytest
 
-from guard.cpu import CpuEngine
 from guard.samples import drawn_image, png_bytes
 from schemas.codec import DecodeError, decode_post
 from schemas.events import ErrorCode
@@ -26,7 +30,6 @@ from workers.cache import ContentKeyer
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
-from workers.wiring import build_worker
 
 
 def test_lone_surrogate_is_refused_at_decode_with_a_stable_code() -> None:
@@ -55,9 +58,7 @@ def test_content_hasher_is_total_on_any_str() -> None:
 
 
 @pytest.mark.integration
-def test_mixed_poison_stream_never_stops_the_worker(
-    settings: Settings, services: Services, cpu_engine: CpuEngine
-) -> None:
+def test_mixed_poison_stream_never_stops_the_worker(settings: Settings, services: Services) -> None:
     s3 = services.s3_client()
     prefix = uuid.uuid4().hex
     gif = seeds()["gif_animated"]
@@ -111,9 +112,33 @@ def test_mixed_poison_stream_never_stops_the_worker(
     ]
     produce_all(settings.bootstrap_servers, settings.posts_topic, [(k.encode(), v) for k, v, _ in feed])
 
-    stats = build_worker(settings, cpu_engine).run(until_drained=True)  # returns: it did not crash
-
-    assert stats.consumed == len(feed)
+    env = {
+        **os.environ,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
+        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+        "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
+        "GUARDSTREAM_ALLOWED_BUCKETS": BUCKET,
+        "GUARDSTREAM_REDIS_URL": services.redis_url,
+        "GUARDSTREAM_ENGINE": "cpu",
+        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "GUARDSTREAM_MAX_BATCH_SIZE": "8",
+        "GUARDSTREAM_LOG_FORMAT": "json",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    logs = run.stderr + run.stdout
+    assert run.returncode == 0, logs[-3000:]
+    (stopped,) = [json.loads(x) for x in logs.splitlines() if '"worker_stopped"' in x]
+    assert stopped["consumed"] == len(feed)
     verdicts = [json.loads(x) for x in read_topic(settings.bootstrap_servers, settings.verdicts_topic)]
     dlq = [json.loads(x) for x in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
     got: dict[str, list[str]] = {}
@@ -125,5 +150,5 @@ def test_mixed_poison_stream_never_stops_the_worker(
     assert {k: v[0] for k, v in got.items()} == {k: exp for k, _, exp in feed}
     print(
         f"\n{len(feed)} posts ({sum(e != 'verdict' for *_, e in feed)} poisons): "
-        f"{len(verdicts)} verdicts, {len(dlq)} dead letters, worker drained and returned"
+        f"{len(verdicts)} verdicts, {len(dlq)} dead letters, `guardstream worker --until-drained` exit 0"
     )

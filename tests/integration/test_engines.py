@@ -371,3 +371,43 @@ def test_worker_with_server_engine_routes_novel_risks(
     assert [n["post_id"] for n in novel] == ["n1"]
     assert [(d["post_id"], d["error_code"]) for d in dlq] == [("n4", "engine_output_unparseable")]
     assert "the model was cut off" in dlq[0]["message"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("outage_s", "dead_after_s"),
+    [(3.0, 15.0), (2.5, 0.5)],
+    ids=["503-burst-shorter-than-dead_after_s", "503-outage-longer-held-by-the-worker"],
+)
+def test_worker_rides_out_a_server_outage_without_dead_letters(
+    settings: Any, services: Any, prompts: PromptSet, outage_s: float, dead_after_s: float
+) -> None:
+    """The server answers 503 to everything for a few seconds from the first request on, then recovers.
+    Every post gets its verdict and none is dead-lettered: within dead_after_s each request keeps
+    retrying; past it the engine is dead and the worker holds the posts and re-submits them. Before,
+    each request gave up after 3 attempts (~1 s) and the worker dead-lettered it ``engine_failed``."""
+    from guard.server_engine import AsyncServerEngine
+    from workers.demo.sample_feed import post
+    from workers.kafka.topics import produce_all, read_topic
+    from workers.wiring import build_worker
+
+    server = ChatServer(canned, outage_s=outage_s).start()
+    try:
+        posts = [post(f"o{i}", "a", f"post number {i}") for i in range(12)]
+        produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in posts])
+        eng = AsyncServerEngine(prompts, ServerConfig(base_url=server.url, dead_after_s=dead_after_s))
+        s = settings.model_copy(update={"outage_backoff_s": 0.5, "cache_enabled": False})
+        stats = build_worker(s, eng).run(until_drained=True)
+    finally:
+        server.stop()
+    verdicts = [
+        json.loads(v)["post_id"] for v in read_topic(settings.bootstrap_servers, settings.verdicts_topic)
+    ]
+    dlq = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
+    assert [(d["post_id"], d["error_code"]) for d in dlq] == []
+    assert sorted(verdicts) == sorted(f"o{i}" for i in range(12)) and stats.dead_letters == 0
+    failed = len(server.headers) - len(server.requests)
+    assert failed > 12, "the outage was hit (and ridden out)"
+    print(
+        f"\n{outage_s:g}s outage, dead_after_s {dead_after_s:g}: {failed} failed requests, 12 verdicts, 0 dlq"
+    )

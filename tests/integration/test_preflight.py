@@ -98,6 +98,63 @@ def test_vllm_server_probe(models_server: str) -> None:
         base.model_copy(update={"vllm_server_url": f"http://u:s3cret@127.0.0.1:{free_port()}/v1"})
     )
     assert not down.ok and "s3cret" not in down.line()
+    # down (maybe still loading its model) is an outage to ride out; a wrong model name is a setting
+    assert down.transient and not wrong.transient
+    refused = check_engine(base.model_copy(update={"vllm_server_url": models_server + "/nope"}))
+    assert not refused.ok and not refused.transient and "GUARDSTREAM_VLLM_SERVER_URL" in (refused.fix or "")
+
+
+def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
+    settings: Settings, services: Services
+) -> None:
+    """The worker probes a vllm-server at start: one serving another model stops it with exit 2 and one
+    line naming the setting, before it consumes anything (before, the first post found out, and every
+    post was dead-lettered). The chat server would answer completions: none is ever asked for."""
+    from tests.chat_server import ChatServer
+    from workers.demo.sample_feed import post
+    from workers.kafka.topics import produce_all
+
+    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, post("p1", "a", "hello"))])
+    server = ChatServer(lambda body: "unused", served_models=["Qwen2.5-VL-7B-Instruct"]).start()
+    try:
+        env = {
+            **os.environ,
+            "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "GUARDSTREAM_GROUP_ID": settings.group_id,
+            "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
+            "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
+            "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
+            "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+            "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
+            "GUARDSTREAM_REDIS_URL": services.redis_url,
+            "GUARDSTREAM_ENGINE": "vllm-server",
+            "GUARDSTREAM_VLLM_SERVER_URL": server.url,
+            "GUARDSTREAM_VLLM_SERVER_MODEL": "ProGuard-7B",
+            "GUARDSTREAM_LOG_FORMAT": "json",
+        }
+        r = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.stop()
+    assert r.returncode == 2, r.stderr[-2000:]
+    named = [line for line in r.stderr.splitlines() if "GUARDSTREAM_VLLM_SERVER_MODEL" in line]
+    assert len(named) == 1 and named[0].startswith("FAIL engine"), r.stderr[-2000:]
+    assert "Qwen2.5-VL-7B-Instruct" in named[0] and "'ProGuard-7B'" in named[0]
+    assert len(server.get_headers) == 1 and server.requests == [] and server.headers == []
+    # nothing consumed: the group never committed an offset
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id})
+    try:
+        parts = [TopicPartition(settings.posts_topic, p) for p in range(3)]
+        assert all(tp.offset < 0 for tp in c.committed(parts, timeout=10))
+    finally:
+        c.close()
 
 
 def test_check_cli(settings: Settings, services: Services) -> None:

@@ -1,14 +1,17 @@
 """Secrets never leak into logs (issue 13, item 5): URL masking, the structlog processor every log line
-goes through, and ``guardstream up`` run for real with a planted Redis password."""
+goes through, ``guardstream up`` run for real with a planted Redis password, and ``guardstream worker``
+on a vllm-server whose URL carries a planted password (topics and logs)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -17,6 +20,7 @@ import structlog
 from infra.stack import RedisServer, free_port
 from workers.observability.logging import configure_logging
 from workers.secrets import mask_url, mask_urls_in
+from workers.settings import Settings
 
 PLANTED = "pl4nted-s3cret-Zq9"
 
@@ -98,3 +102,87 @@ def test_guardstream_up_does_not_log_the_redis_password() -> None:
             proc.kill()
             proc.wait(10)
         server.stop()
+
+
+def _proguard_answer(body: dict[str, Any]) -> str:
+    from guard.parser import format_output
+
+    user = body["messages"][1]["content"][-1]["text"]
+    if "challenge" in user:
+        return format_output(unsafe=True, category="Dangerous Viral Breath Challenge", reasoning="new trend")
+    if "garbled" in user:
+        return "<think>\nthe model was cut off"
+    return format_output(unsafe=False, reasoning="benign")
+
+
+@pytest.mark.integration
+def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(settings: Settings, services: Any) -> None:
+    """``guardstream worker`` on a vllm-server whose URL carries a planted password (userinfo), over a
+    feed that reaches every output: a verdict, a novel risk (verdicts + novel-risks), an unparseable
+    answer and a 400 (``engine_*`` dead letters with the server's text), malformed JSON, and a 503
+    outage at the first request (the engine's failure and retry log lines, at DEBUG). The password is
+    used (basic auth on the probe and on every completion) and appears in no record key or value of
+    the three topics and in no line the worker wrote."""
+    from tests.chat_server import ChatServer
+    from workers.demo.sample_feed import post
+    from workers.kafka.topics import produce_all, read_records
+
+    server = ChatServer(
+        _proguard_answer,
+        outage_s=1.0,
+        fail_if=lambda body: 400 if "too long" in body["messages"][1]["content"][-1]["text"] else None,
+    ).start()
+    feed = [
+        post("s1", "a", "hello friends"),
+        post("s2", "a", "try the blackout challenge tonight"),
+        post("s3", "a", "garbled"),
+        post("s4", "a", "this one is too long"),
+        b"{not json",
+    ]
+    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in feed])
+    url = server.url.replace("http://", f"http://svc:{PLANTED}@")
+    env = {
+        **os.environ,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
+        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+        "GUARDSTREAM_S3_ENDPOINT_URL": str(settings.s3_endpoint_url),
+        "GUARDSTREAM_REDIS_URL": settings.redis_url,
+        "GUARDSTREAM_ENGINE": "vllm-server",
+        "GUARDSTREAM_VLLM_SERVER_URL": url,
+        "GUARDSTREAM_LOG_FORMAT": "json",
+        "GUARDSTREAM_LOG_LEVEL": "DEBUG",
+    }
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        server.stop()
+    logs = run.stdout + run.stderr
+    assert run.returncode == 0, logs[-3000:]
+    basic = "Basic " + base64.b64encode(f"svc:{PLANTED}".encode()).decode()
+    assert server.get_headers and all(h.get("Authorization") == basic for h in server.get_headers)
+    assert len(server.headers) > len(feed) and all(h.get("Authorization") == basic for h in server.headers)
+    records = {
+        t: read_records(settings.bootstrap_servers, t)
+        for t in (settings.verdicts_topic, settings.novel_risk_topic, settings.dlq_topic)
+    }
+    values = {t: [json.loads(r.value or b"{}") for r in rs] for t, rs in records.items()}
+    assert sorted(v["post_id"] for v in values[settings.verdicts_topic]) == ["s1", "s2"]
+    assert [v["post_id"] for v in values[settings.novel_risk_topic]] == ["s2"]
+    codes = sorted(d["error_code"] for d in values[settings.dlq_topic])
+    assert codes == ["engine_failed", "engine_output_unparseable", "invalid_json"], codes
+    assert all(server.url in v["model_version"] for v in values[settings.verdicts_topic])
+    for rs in records.values():
+        for r in rs:
+            assert PLANTED.encode() not in (r.key or b"") + (r.value or b"")
+    assert '"vllm server failing"' in logs and "chat completion retry" in logs  # the outage was logged
+    assert PLANTED not in logs and base64.b64encode(f"svc:{PLANTED}".encode()).decode() not in logs

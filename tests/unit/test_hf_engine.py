@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from guard.hf_engine import TransformersConfig, TransformersEngine, dtype_kwargs
 from guard.prompts import PromptSet
-from guard.types import ModerationItem
+from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
 
 # Qwen-style split of the answer (":" before "unsafe", ":s" + "afe" for "safe")
 ANSWER = [
@@ -130,3 +130,146 @@ def test_top_logprobs_matches_a_per_row_reference() -> None:
             assert ids[row][step] == ref_i.tolist()
             assert vals[row][step] == pytest.approx(ref_v.tolist(), abs=1e-6)
     assert _top_logprobs([], 5) == ([], [])
+
+
+# ------------------------------------------------------------------------------------------- failures
+class FailingModel(Model):
+    """Raises ``fail(batch_size)`` (an exception or None) from ``generate``: the exact exception types
+    torch raises on a GPU, constructed on CPU."""
+
+    def __init__(self, fail: Any) -> None:
+        super().__init__(0.9)
+        self.fail = fail
+        self.sizes: list[int] = []
+
+    def generate(self, **kw: Any) -> SimpleNamespace:
+        n = kw["input_ids"].shape[0]
+        self.sizes.append(n)
+        exc = self.fail(n, kw)
+        if exc is not None:
+            raise exc
+        return super().generate(**kw)
+
+
+def judge_all(eng: TransformersEngine, texts: list[str]) -> list[Any]:
+    """Every text through the MicroBatcher in one batch (as the worker submits them)."""
+    import asyncio
+
+    from guard.streaming import MicroBatcher
+
+    async def main() -> list[Any]:
+        mb = MicroBatcher(eng, max_batch_size=len(texts), max_wait_s=1.0)
+        return list(
+            await asyncio.gather(
+                *(mb.judge(ModerationItem(str(i), t)) for i, t in enumerate(texts)), return_exceptions=True
+            )
+        )
+
+    return asyncio.run(main())
+
+
+DEVICE_FAILURES = [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    torch.AcceleratorError("CUDA error: device-side assert triggered"),
+    RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously"),
+    RuntimeError("CUDA driver error: unknown error"),
+    torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`"),
+]
+
+
+@pytest.mark.parametrize("exc", DEVICE_FAILURES, ids=lambda e: f"{type(e).__name__}:{str(e)[:30]}")
+def test_device_failures_are_engine_dead_for_the_whole_batch_without_bisecting(
+    prompts: PromptSet, exc: BaseException
+) -> None:
+    """Before, every failure became a plain EngineError: the MicroBatcher re-ran the batch item by item
+    and each post failed alone, i.e. the whole feed dead-lettered ``engine_failed`` by a dead GPU."""
+    model = FailingModel(lambda n, kw: exc)
+    eng = TransformersEngine(prompts, model=model, processor=Processor())
+    res = judge_all(eng, ["a", "b", "c", "d"])
+    assert all(type(r) is EngineDeadError for r in res), res
+    assert model.sizes == [4], "not re-run item by item"
+    assert "restart the worker" in str(res[0]) and type(exc).__name__ in str(res[0])
+
+
+def test_device_failure_surfacing_outside_generate_is_dead_too(prompts: PromptSet) -> None:
+    """CUDA errors are reported at the next synchronising call: here the host-to-device copy, and a
+    generic wrapper whose cause is the CUDA error."""
+
+    class BrokenInputs(Inputs):
+        def to(self, device: Any) -> Inputs:
+            try:
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            except RuntimeError as cuda:
+                raise ValueError("could not move the batch") from cuda
+
+    class BrokenProcessor(Processor):
+        def __call__(self, text: list[str], images: Any, padding: bool, return_tensors: str) -> Inputs:
+            return BrokenInputs(input_ids=torch.zeros((len(text), 3), dtype=torch.long))
+
+    eng = TransformersEngine(prompts, model=Model(0.5), processor=BrokenProcessor())
+    with pytest.raises(EngineDeadError):
+        eng.moderate([ModerationItem("a", "x"), ModerationItem("b", "y")])
+
+
+def test_out_of_memory_on_a_batch_is_re_run_item_by_item(prompts: PromptSet) -> None:
+    """OOM is a batch-size problem first: one item alone fits where four did not. Every post gets its
+    verdict; nothing is dead, nothing is dead-lettered."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    model = FailingModel(lambda n, kw: oom if n > 1 else None)
+    eng = TransformersEngine(prompts, model=model, processor=Processor())
+    res = judge_all(eng, ["a", "b", "c", "d"])
+    assert all(isinstance(r, Verdict) and r.safe is False for r in res), res
+    assert model.sizes == [4, 1, 1, 1, 1]
+
+
+def test_out_of_memory_of_one_input_is_that_inputs_own(prompts: PromptSet) -> None:
+    """A single item that does not fit while its neighbours run: that request fails, the rest are judged.
+    Two single items in a row that do not fit (nothing completed in between): the device has no room for
+    any request, so no post is blamed."""
+    huge = 999
+
+    def fail(n: int, kw: dict[str, Any]) -> BaseException | None:
+        if n > 1 or kw["input_ids"].shape[1] == huge:
+            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return None
+
+    class SizedProcessor(Processor):
+        def __call__(self, text: list[str], images: Any, padding: bool, return_tensors: str) -> Inputs:
+            width = huge if any("HUGE" in t for t in text) else 3
+            return Inputs(input_ids=torch.zeros((len(text), width), dtype=torch.long))
+
+    model = FailingModel(fail)
+    eng = TransformersEngine(prompts, model=model, processor=SizedProcessor())
+    res = judge_all(eng, ["a", "HUGE", "c"])
+    assert isinstance(res[0], Verdict) and isinstance(res[2], Verdict), res
+    assert type(res[1]) is EngineRequestError and "does not fit" in str(res[1])
+    # a device with no room for anything: the first lone item is blamed, the next one says "dead"
+    always = FailingModel(lambda n, kw: torch.OutOfMemoryError("CUDA out of memory."))
+    eng2 = TransformersEngine(prompts, model=always, processor=Processor())
+    first = judge_all(eng2, ["a"])
+    second = judge_all(eng2, ["b", "c"])
+    assert type(first[0]) is EngineRequestError
+    assert all(type(r) is EngineDeadError for r in second), second
+    assert "GUARDSTREAM_VLLM_MAX_PIXELS" in str(second[0])
+
+
+def test_a_per_input_error_fails_only_its_item(prompts: PromptSet) -> None:
+    """An error that is not the device's (a shape or value error for one input) stays per item: the
+    MicroBatcher isolates it and the others are judged."""
+
+    def fail(n: int, kw: dict[str, Any]) -> BaseException | None:
+        return ValueError("Image features and image tokens do not match") if kw.get("bad") else None
+
+    class MarkingProcessor(Processor):
+        def __call__(self, text: list[str], images: Any, padding: bool, return_tensors: str) -> Inputs:
+            inputs = super().__call__(text, images, padding, return_tensors)
+            if any("broken" in t for t in text):
+                inputs["bad"] = True
+            return inputs
+
+    model = FailingModel(fail)
+    eng = TransformersEngine(prompts, model=model, processor=MarkingProcessor())
+    res = judge_all(eng, ["a", "broken", "c"])
+    assert isinstance(res[0], Verdict) and isinstance(res[2], Verdict), res
+    assert type(res[1]) is EngineError and "ValueError" in str(res[1])

@@ -488,13 +488,63 @@ def test_server_engine_retries_5xx_per_request(server: ChatServer, prompts: Prom
     assert len(server.headers) == 5 and len(server.requests) == 3  # two 503s retried, then answered
 
 
-def test_server_engine_gives_up_on_one_request_or_declares_the_server_dead(
+def test_server_engine_rides_out_a_5xx_burst_shorter_than_dead_after_s(
     server: ChatServer, prompts: PromptSet
 ) -> None:
-    server.fail_first = 10**6  # every request: 503
+    """503 on every request for 1.5 s from the first one on, then answers: each request keeps retrying
+    (infrastructure, not the post) and gets its verdict. Before, each request failed after max_attempts
+    (~0.1 s of backoff here): 8 ``EngineRequestError``s, i.e. 8 ``engine_failed`` dead letters for a
+    server that came back."""
+    server.outage_s = 1.5  # from the first request on
+    eng = server_engine(
+        prompts, server.url, max_concurrency=8, max_attempts=3, dead_after_s=10.0, backoff_max_s=0.2
+    )
 
-    async def attempt(**cfg: Any) -> BaseException:
-        eng = server_engine(prompts, server.url, max_attempts=3, **cfg)
+    async def main() -> list[Verdict | BaseException]:
+        res = await asyncio.gather(
+            *(eng.judge(ModerationItem(str(i), f"post {i}")) for i in range(8)), return_exceptions=True
+        )
+        await eng.aclose()
+        return list(res)
+
+    res = run(main())
+    assert all(isinstance(v, Verdict) and v.safe is True for v in res), res
+    assert len(server.requests) == 8 and len(server.headers) > 3 * 8, "retried past max_attempts"
+
+
+def test_server_engine_failing_every_request_for_dead_after_s_is_dead_not_the_posts(
+    server: ChatServer, prompts: PromptSet
+) -> None:
+    server.fail_first = 10**6  # every request: 503, for ever
+    eng = server_engine(prompts, server.url, dead_after_s=0.4, backoff_max_s=0.05)
+
+    async def main() -> list[BaseException]:
+        res = await asyncio.gather(
+            *(eng.judge(ModerationItem(str(i), f"post {i}")) for i in range(4)), return_exceptions=True
+        )
+        await eng.aclose()
+        return [r for r in res if isinstance(r, BaseException)]
+
+    t0 = time.monotonic()
+    errors = run(main())
+    assert len(errors) == 4 and all(type(e) is EngineDeadError for e in errors), errors
+    assert "failing every request" in str(errors[0]) and "GUARDSTREAM_VLLM_SERVER_URL" in str(errors[0])
+    assert "503" in str(errors[0])
+    assert 0.4 <= time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    ("status", "setting"),
+    [(401, "GUARDSTREAM_VLLM_SERVER_API_KEY"), (403, "GUARDSTREAM_VLLM_SERVER_API_KEY"), (404, "_MODEL")],
+)
+def test_server_engine_configuration_refusals_are_dead_at_once(
+    server: ChatServer, prompts: PromptSet, status: int, setting: str
+) -> None:
+    """A wrong API key, URL or model name: no post could get past it, so no post is to blame."""
+    server.fail_first, server.fail_status = 10**6, status
+    eng = server_engine(prompts, server.url, dead_after_s=60.0)
+
+    async def main() -> BaseException:
         try:
             await eng.judge(ModerationItem("x", "hello"))
         except EngineError as exc:
@@ -503,15 +553,57 @@ def test_server_engine_gives_up_on_one_request_or_declares_the_server_dead(
             await eng.aclose()
         raise AssertionError("expected a failure")
 
-    # failing for less than dead_after_s: this request fails (retryable, maybe a poison post)
-    e1 = run(attempt(dead_after_s=60.0))
-    assert type(e1) is EngineRequestError and "503" in str(e1) and len(server.headers) == 3
-    # failing with no success at all for dead_after_s: the server is broken, not the post
-    assert type(run(attempt(dead_after_s=0.0))) is EngineDeadError
-    # a 4xx is this request's fault: not retried, the server is alive
-    server.fail_first, server.fail_status = 1, 400
-    e3 = run(attempt(dead_after_s=0.0))
-    assert type(e3) is EngineRequestError and "400" in str(e3) and len(server.headers) == 7
+    exc = run(main())
+    assert type(exc) is EngineDeadError and str(status) in str(exc) and setting in str(exc)
+    assert len(server.headers) == 1, "not retried: the worker holds the post and retries it with backoff"
+
+
+def test_server_engine_a_4xx_or_a_malformed_answer_is_the_posts_own(
+    server: ChatServer, prompts: PromptSet
+) -> None:
+    """400 ("prompt too long") fails that request at once, and does not make the server count as failing;
+    a 200 that is not a chat completion is that request's error too."""
+    server.fail_if = lambda body: 400 if "too long" in body["messages"][1]["content"][-1]["text"] else None
+    eng = server_engine(prompts, server.url, dead_after_s=0.0)  # would be dead at the first 5xx
+
+    async def main() -> list[Verdict | BaseException]:
+        first = await asyncio.gather(eng.judge(ModerationItem("l", "too long")), return_exceptions=True)
+        ok = await eng.judge(ModerationItem("o", "fine"))
+        await eng.aclose()
+        return [*first, ok]
+
+    bad, ok = run(main())
+    assert type(bad) is EngineRequestError and "400" in str(bad)
+    assert isinstance(ok, Verdict) and ok.safe is True
+    assert len(server.headers) == 2, "the 400 was not retried"
+    from guard.server_engine import verdict_from_response
+
+    with pytest.raises(EngineRequestError, match="malformed"):
+        verdict_from_response(prompts, ModerationItem("m", "x"), {"choices": []})
+
+
+def test_server_engine_blames_a_request_the_server_fails_while_answering_others(
+    server: ChatServer, prompts: PromptSet
+) -> None:
+    """A 500 for one post only, for dead_after_s, while the same server answers other posts in between:
+    the server is up, so it is that post (``EngineRequestError``: its dead letter after the worker's
+    retries), not an outage."""
+    server.fail_if = lambda body: 500 if "poison" in body["messages"][1]["content"][-1]["text"] else None
+    eng = server_engine(prompts, server.url, dead_after_s=0.5, backoff_max_s=0.05)
+
+    async def main() -> tuple[BaseException | Verdict, int]:
+        poison = asyncio.ensure_future(eng.judge(ModerationItem("p", "poison")))
+        answered = 0
+        while not poison.done():  # other posts keep being answered meanwhile
+            await eng.judge(ModerationItem(f"o{answered}", "fine"))
+            answered += 1
+        (res,) = await asyncio.gather(poison, return_exceptions=True)
+        await eng.aclose()
+        return res, answered
+
+    res, answered = run(main())
+    assert type(res) is EngineRequestError and "500" in str(res) and "answered other requests" in str(res)
+    assert answered > 3
 
 
 def test_dead_server_is_engine_dead_not_per_post_failures(prompts: PromptSet) -> None:

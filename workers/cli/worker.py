@@ -45,7 +45,8 @@ def worker(
         typer.Option(
             "--skip-preflight",
             help="Start without the pre-flight checks of `guardstream check` (broker and topics, bucket, "
-            "Redis). By default a failing check stops the worker at start with exit code 2 and the fix.",
+            "Redis, and a vllm-server's model list). By default a failing check stops the worker at start "
+            "with exit code 2 and the fix.",
         ),
     ] = False,
 ) -> int:
@@ -155,20 +156,31 @@ def up(
 
 
 def _preflight_or_exit(s: Settings) -> None:
-    """The checks of ``guardstream check`` at start (the engine is built next, so it is not probed twice).
+    """The checks of ``guardstream check`` at start, before anything is consumed.
 
     A missing topic, an unreadable bucket or a wrong setting does not heal by waiting: the worker stops
     with exit code 2 and each fix named. Redis is the exception: the cache is optional, so a Redis that
-    is down is a warning and the worker runs without it (it reconnects by itself)."""
+    is down is a warning and the worker runs without it (it reconnects by itself).
+
+    The engine: a ``vllm-server`` is probed (``GET /models``): a server that does not serve
+    ``VLLM_SERVER_MODEL``, refuses the key or is not an OpenAI API at that URL is exit 2 as well; one that
+    cannot be reached yet (still loading its model) is a warning, and the worker rides it out as an engine
+    outage (exit 3 past ``ENGINE_DEADLINE_S``). In-process engines are built next, and the build is
+    their probe: they are not probed twice."""
     import sys
 
+    from guard.engines import EngineKind
     from workers.preflight import run_checks
 
-    results = run_checks(s, probe_engine=False)
+    results = run_checks(s, probe_engine=s.engine is EngineKind.VLLM_SERVER)
     for r in results:
         if not r.ok and r.name == "redis":
             log.warning("preflight_redis_unavailable", detail=r.detail, fix=r.fix)
-    failures = [r for r in results if not r.ok and r.name != "redis"]
+        elif not r.ok and r.name == "engine" and r.transient:
+            log.warning("preflight_engine_unavailable", detail=r.detail, fix=r.fix)
+    failures = [
+        r for r in results if not r.ok and r.name != "redis" and not (r.name == "engine" and r.transient)
+    ]
     if failures:
         for r in failures:
             print(r.line(), file=sys.stderr)
