@@ -1,8 +1,10 @@
 """The ``guardstream`` command line (Typer).
 
-One module per command or small group (``worker``, ``demo``, ``audit``, ``labels``, ``alerts``, ``ops``,
-``topics``, ``produce``, ``tail``); tables live in ``render``; shared options, the settings file and
-errors in ``base``. ``main`` turns a bad value into one line on stderr and a non-zero exit.
+One module per command, named after it (``worker``, ``up``, ``demo``, ``check``, ``replay``,
+``audit_export``, ``review``, ``export_training``, ``redrive``, ``console``, ``alerts``, ``clusters``,
+``produce``, ``tail``, ``schemas``; ``topics`` is the ``topics create`` group); tables live in ``render``;
+shared options, the settings file and errors in ``base``; ``--from``/``--to`` parsing in ``bounds``.
+``main`` turns a bad value into one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -13,7 +15,27 @@ import typer
 from confluent_kafka import KafkaException
 
 from schemas.extras import MissingExtra
-from workers.cli import alerts, audit, demo, labels, ops, produce, root, tail, topics, worker  # noqa: F401
+
+# every command module registers itself on `app` when imported
+from workers.cli import (  # noqa: F401
+    alerts,
+    audit_export,
+    check,
+    clusters,
+    console,
+    demo,
+    export_training,
+    produce,
+    redrive,
+    replay,
+    review,
+    root,
+    schemas,
+    tail,
+    topics,
+    up,
+    worker,
+)
 from workers.cli.base import ClickException, CliError, UsageError, app
 
 __all__ = ["app", "main"]

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from workers.cli.audit import run_replay
 from workers.cli.base import (
     CliError,
     EngineOpt,
@@ -26,6 +25,7 @@ from workers.cli.base import (
     load_settings,
 )
 from workers.cli.render import alerts_table, dead_letters_table, terminal, verdicts_table
+from workers.cli.replay import run_replay
 from workers.cli.topics import worker_topics
 from workers.settings import Settings
 
@@ -221,7 +221,7 @@ def demo_export(s: Settings, out_dir: Path, out: Console) -> None:
     from schemas.events import ReviewEvent
     from training import launch
     from training.export import parse_ratios
-    from workers.cli.labels import training_exporter
+    from workers.cli.export_training import training_exporter
     from workers.kafka.topics import produce_all
 
     reviews = [

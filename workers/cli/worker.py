@@ -1,15 +1,13 @@
-"""``guardstream worker`` and ``guardstream up`` (the local stack in the foreground)."""
+"""``guardstream worker``: run the moderation worker (pre-flight first)."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
 
 from workers.cli.base import (
     BootstrapOpt,
-    CliError,
     EngineOpt,
     GroupOpt,
     MaxBatchOpt,
@@ -22,7 +20,6 @@ from workers.cli.base import (
     load_settings,
     log,
 )
-from workers.cli.topics import worker_topics
 from workers.settings import Settings
 
 
@@ -93,66 +90,6 @@ def worker(
         batches=stats.batches,
     )
     return 0
-
-
-@app.command()
-def up(
-    engine: EngineOpt = None,
-    max_batch_size: MaxBatchOpt = None,
-    max_wait_ms: MaxWaitOpt = None,
-    redis_url: RedisOpt = None,
-    taxonomy_path: TaxonomyOpt = None,
-    broker_port: Annotated[int, typer.Option(help="Port of the embedded broker.", min=1, max=65535)] = 9092,
-    s3_port: Annotated[int, typer.Option(help="Port of the embedded S3 server.", min=1, max=65535)] = 9000,
-    storage: Annotated[
-        str,
-        typer.Option(help="memory://tansu/ or s3://BUCKET/ (durable; needs AWS_ENDPOINT for MinIO/moto)."),
-    ] = "memory://tansu/",
-) -> int:
-    """Start the local broker + S3 server (+ Redis) in the foreground until Ctrl-C."""
-    import signal
-
-    import boto3
-
-    from infra.stack import LocalStack, StackError, create_topics, ensure_bucket
-    from workers.secrets import mask_url
-
-    def on_sigterm(_sig: int, _frame: object) -> None:
-        raise SystemExit(0)  # unwinds through stack.stop(): the broker and a Redis we started go too
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-    s = load_settings(
-        engine=engine,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        redis_url=redis_url,
-        taxonomy_path=taxonomy_path,
-    )
-    try:
-        stack = LocalStack(
-            broker_port=broker_port, s3_port=s3_port, redis_url=s.redis_url, storage=storage
-        ).start()
-    except StackError as exc:  # a busy port, no redis-server: one line, exit 1, nothing left running
-        raise CliError(str(exc)) from None
-    try:
-        create_topics(stack.broker.bootstrap, worker_topics(s))
-        ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.allowed_buckets[0])
-        log.info(
-            "stack_up",
-            broker=stack.broker.bootstrap,
-            s3=stack.s3.endpoint,
-            redis=mask_url(s.redis_url),
-            topics=list(worker_topics(s)),
-            bucket=s.allowed_buckets[0],
-            hint="Ctrl-C to stop",
-        )
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stack.stop()
 
 
 def _preflight_or_exit(s: Settings) -> None:

@@ -1,11 +1,9 @@
-"""``guardstream replay`` (re-moderate a topic range into audit records and a report) and
-``guardstream audit-export`` (decisions from the verdicts topic as JSONL)."""
+"""``guardstream replay``: re-moderate a range of a topic for an audit."""
 
 from __future__ import annotations
 
 import shlex
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -19,48 +17,15 @@ from workers.cli.base import (
     RedisOpt,
     S3EndpointOpt,
     TaxonomyOpt,
-    UsageError,
     app,
     ctrl_c_requests_stop,
     load_settings,
     log,
     writable_file,
 )
+from workers.cli.bounds import check_range, parse_bound_opt
 from workers.cli.render import counts_table, terminal
 from workers.settings import Settings
-
-Bound = int | datetime | None
-
-
-def parse_bound_opt(text: str | None, flag: str, times_only: bool = False) -> Bound:
-    """``--from``/``--to``: an offset or an ISO-8601 time; a bad value is one line naming the flag."""
-    from workers.audit.replay import parse_bound
-
-    try:
-        b = parse_bound(text)
-    except ValueError:
-        what = "an ISO-8601 time (2026-01-31T12:00:00Z)" if times_only else "an offset or an ISO-8601 time"
-        raise UsageError(f"{flag} {text!r}: expected {what}") from None
-    if times_only and isinstance(b, int):
-        raise UsageError(f"{flag} {text!r}: this command takes ISO-8601 times, not offsets")
-    return b
-
-
-def check_range(start: Bound, end: Bound) -> None:
-    if start is None or end is None:
-        return
-    if isinstance(start, datetime) != isinstance(end, datetime):
-        raise UsageError("--from and --to must both be offsets or both be times")
-    if start > end:  # type: ignore[operator]
-        raise UsageError(f"--from {start} is after --to {end}: the range is empty")
-
-
-def time_range(start_text: str | None, end_text: str | None) -> tuple[datetime | None, datetime | None]:
-    start = parse_bound_opt(start_text, "--from", times_only=True)
-    end = parse_bound_opt(end_text, "--to", times_only=True)
-    check_range(start, end)
-    assert not isinstance(start, int) and not isinstance(end, int)
-    return start, end
 
 
 def run_replay(
@@ -248,34 +213,3 @@ def replay(
         audit_topic=audit_topic,
         report_path=report or Path(f"{rid}.md"),
     )
-
-
-@app.command("audit-export")
-def audit_export(
-    out: Annotated[Path, typer.Option(help="JSONL file to write.", dir_okay=False)],
-    bootstrap_servers: BootstrapOpt = None,
-    start: Annotated[
-        str | None, typer.Option("--from", help="ISO-8601 decision time (inclusive).", show_default="start")
-    ] = None,
-    end: Annotated[
-        str | None, typer.Option("--to", help="ISO-8601 decision time (inclusive).", show_default="end")
-    ] = None,
-    author: Annotated[str | None, typer.Option(help="Only this author_id.", show_default="all")] = None,
-) -> int:
-    """Export decisions from the verdicts topic as JSONL."""
-    from workers.audit.replay import export_decisions
-
-    s = load_settings(bootstrap_servers=bootstrap_servers)
-    lo, hi = time_range(start, end)
-    writable_file(out)
-    n = export_decisions(
-        s.bootstrap_servers,
-        s.verdicts_topic,
-        out,
-        start=lo,
-        end=hi,
-        author=author,
-        kafka_extra=s.kafka_extra,
-    )
-    log.info("audit_export_written", path=str(out), decisions=n)
-    return 0
