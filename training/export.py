@@ -18,7 +18,8 @@ out-of-taxonomy risk), ``original_category`` (its name / description), ``modalit
 - ``verl`` (ProGuard's own trainer, ``train/proguard-train.sh``): ``{split}.parquet``, read by verl's
   ``RLHFDataset`` with ``datasets.load_dataset("parquet")``; one ``<image>`` per image in the user text
   (verl splits the content on it) and ``images`` as ``{"bytes", "path"}`` dicts (its
-  ``process_image`` opens the bytes). Needs ``pyarrow`` (the ``train`` extra) and copied images.
+  ``process_image`` opens the bytes), null for a text post. Needs ``pyarrow`` (the ``train`` extra) and
+  copied images.
 """
 
 from __future__ import annotations
@@ -322,7 +323,13 @@ class TrainingExporter:
         modality = post.modality
         rendered = self.prompts.render(modality, post.text, len(smp.image_files))
         category, name = "", ""
-        if lab.unsafe and lab.category and (target := self.target_category(lab.category, modality)):
+        if lab.unsafe and lab.category:
+            target = self.target_category(lab.category, modality)
+            if target is None:  # export() skips (and counts) these before any image is fetched
+                raise ValueError(
+                    f"{post.post_id}: label {lab.category} has only a main category and the "
+                    f"{MODALITY_NAMES[modality]} prompt asks for a subcategory (C*S*)"
+                )
             category, name = target
         if lab.unsafe and not name:
             name = lab.novel_risk or "Unspecified Emerging Risk"
@@ -335,10 +342,12 @@ class TrainingExporter:
             ]
         )
         base = root or Path(".")
-        images: list[Any]
+        images: list[Any] | None
         if fmt == "verl":
             user = "<image>" * len(smp.image_files) + user_text(rendered)
-            images = [{"bytes": (base / f).read_bytes(), "path": f} for f in smp.image_files]
+            # A text post's images are null, not []: RLHFDataset.__getitem__ skips a None image column
+            # but hands [] to the processor, and Qwen2.5-VL's image processor fails on an empty list.
+            images = [{"bytes": (base / f).read_bytes(), "path": f} for f in smp.image_files] or None
         else:
             user = user_text(rendered)
             images = [f if f.startswith("s3://") else str((base / f).resolve()) for f in smp.image_files]

@@ -11,9 +11,11 @@ Written against the ``train`` extra's pins (``trl``, ``datasets``; see pyproject
 2. with the ``train`` extra installed, builds the real ``GRPOConfig`` from the config (so an argument TRL
    removed fails here, not on a GPU), loads the export with ``datasets`` exactly as training does,
    renders every prompt through TRL's own multimodal message preparation and a Qwen2.5-VL-style chat
-   template, and runs one GRPO generation-and-scoring step (``GRPOTrainer._generate_and_score_completions``)
-   with the configured reward functions on a tiny random policy built from a config on the CPU (no
-   download).
+   template, and runs GRPO generation-and-scoring steps (``GRPOTrainer._generate_and_score_completions``)
+   with the configured reward functions on tiny random policies built from configs on the CPU (no
+   download): the text records on a Qwen2 policy, one image record on a Qwen2.5-VL policy (the classes
+   of ProGuard-7B, with ``guard.gpu_proof``'s tiny config, tokenizer and processor), so the image goes
+   through TRL's VLM input path, the processor, the vision tower, generation and the reference model.
 """
 
 from __future__ import annotations
@@ -216,11 +218,80 @@ def tiny_policy(out: Path, corpus: list[str]) -> Any:
     return tok
 
 
-def trl_dry_run(cfg: dict[str, Any], root: Path, console: Console) -> dict[str, float]:
-    """Step 2 of ``--dry-run`` (needs the ``train`` extra). Returns the mean of each reward over the
-    generated step, keyed by reward name; raises on any mismatch with TRL."""
+# Characters of stdlib source guard.gpu_proof's tokenizer is trained on for a tiny run (its ``--tiny``
+# plan's figure; ~2 s).
+TINY_CORPUS_CHARS = 400_000
+
+
+def tiny_vl_processor() -> Any:
+    """The real ``Qwen2_5_VLProcessor`` / ``Qwen2VLImageProcessor`` classes with the engine's min/max
+    pixels around ``guard.gpu_proof``'s locally built tokenizer (byte-level BPE, Qwen's special tokens at
+    their published ids, so ``<|image_pad|>`` is the id the model config expects), with the dry run's
+    Qwen2.5-VL chat template. No download."""
+    from guard.gpu_proof import build_processor, build_tokenizer
+    from guard.hf_engine import TransformersConfig
+
+    tok, _ = build_tokenizer(TINY_CORPUS_CHARS)
+    tok.chat_template = QWEN2_5_VL_TEMPLATE
+    processor = build_processor(tok, TransformersConfig(model="tiny-qwen2.5-vl"))
+    processor.chat_template = QWEN2_5_VL_TEMPLATE
+    return processor
+
+
+def tiny_vl_policy(out: Path) -> Any:
+    """A random Qwen2.5-VL policy (``guard.gpu_proof``'s 2-layer config with a 2-block vision tower,
+    Qwen's vocabulary size and special ids) saved to ``out``; returns its processor."""
+    from guard.gpu_proof import build_model
+
+    processor = tiny_vl_processor()
+    model, _ = build_model(True, "cpu")
+    model.save_pretrained(out)
+    return processor
+
+
+def vision_problems(
+    prompt_ids: list[list[int]], grid_thw: Any, pixel_values: Any, num_images: list[int], processor: Any
+) -> list[str]:
+    """Where the processor's vision inputs disagree with the prompt tokens: each row must hold one
+    ``<|vision_start|>`` block per image, filled with exactly ``t*h*w / merge²`` ``<|image_pad|>`` tokens
+    of that image's ``image_grid_thw`` (and no pad outside a block), and ``pixel_values`` must have one
+    row per patch of ``3 * temporal_patch * patch²`` values."""
+    tok, ip = processor.tokenizer, processor.image_processor
+    start, end, pad = (
+        tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+    )
+    grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+    problems, k = [], 0
+    for row, (ids, n) in enumerate(zip(prompt_ids, num_images, strict=True)):
+        want = [t * h * w // ip.merge_size**2 for t, h, w in grids[k : k + n]]
+        k += n
+        runs: list[int] = []
+        inside, stray = False, 0
+        for i in ids:
+            if i == start:
+                inside = True
+                runs.append(0)
+            elif i == end:
+                inside = False
+            elif i == pad and inside:
+                runs[-1] += 1
+            elif i == pad or inside:  # a pad outside a block, or another token inside one
+                stray += 1
+        if runs != want or stray:
+            problems.append(f"row {row}: image pad runs {runs} (+{stray} stray tokens), want {want}")
+    if k != len(grids):
+        problems.append(f"{len(grids)} image grids for {k} images")
+    want_shape = (sum(t * h * w for t, h, w in grids), 3 * ip.temporal_patch_size * ip.patch_size**2)
+    if tuple(pixel_values.shape) != want_shape:
+        problems.append(f"pixel_values {tuple(pixel_values.shape)}, want {want_shape}")
+    return problems
+
+
+def trl_dry_run(cfg: dict[str, Any], root: Path, console: Console) -> dict[str, dict[str, float]]:
+    """Step 2 of ``--dry-run`` (needs the ``train`` extra). Returns, per GRPO step run (``"text"``,
+    ``"image"``), the mean of each reward over its generations, keyed by reward name; raises on any
+    mismatch with TRL."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
-    GRPOTrainer = _module("trl").GRPOTrainer
     prepare_multimodal_messages = _module("trl.data_utils").prepare_multimodal_messages
 
     real = grpo_config(cfg, use_cpu=True)  # every configured argument, as the GPU run gets it
@@ -242,38 +313,98 @@ def trl_dry_run(cfg: dict[str, Any], root: Path, console: Console) -> dict[str, 
                     f"{r['extra_info']['post_id']}: TRL renders a different prompt than the engines"
                 )
         texts = [r for r in rows if not r["images"]]
-        if not texts:
-            console.print("no text-only record: the GRPO step is skipped (the tiny policy has no vision)")
-            return {}
-        step_args = grpo_config(
-            cfg,
-            use_cpu=True,
-            bf16=False,
-            use_vllm=False,
-            max_completion_length=8,
-            output_dir=str(Path(tmp) / "out"),
-            report_to="none",
-            save_strategy="no",
-        )
-        trainer = GRPOTrainer(
-            model=str(Path(tmp) / "policy"),
-            reward_funcs=make_reward_funcs(floors_of(cfg)),
-            args=step_args,
-            train_dataset=data["train"].filter(lambda r: not r["images"]),
-            processing_class=tok,
-        )
-        batch = [texts[i % len(texts)] for i in range(step_args.generation_batch_size)]
-        batch.sort(key=lambda r: str(r["extra_info"]["post_id"]))  # groups of identical prompts
-        trainer.model.train()  # a training step: TRL files its metrics under the mode
-        out = trainer._generate_and_score_completions(batch)
-        if out["advantages"].shape[0] != len(batch):
-            raise ValueError("GRPO step returned the wrong number of advantages")
-        means = {
-            k.split("/")[1]: float(v[-1])
-            for k, v in trainer._metrics["train"].items()
-            if k.startswith("rewards/") and k.endswith("/mean")
-        }
-        return {k: v for k, v in means.items() if k in {f.__name__ for f in make_reward_funcs()}}
+        steps: dict[str, dict[str, float]] = {}
+        if texts:
+            steps["text"] = text_step(cfg, data, texts, tok, Path(tmp))
+        else:
+            console.print("no text-only record: the text GRPO step is skipped")
+        vision = [(split, r) for split in data for r in data[split] if r["images"]]
+        if vision:
+            split, record = vision[0]
+            steps["image"] = image_step(cfg, data[split], record, Path(tmp))
+            console.print(f"image GRPO step ok: {record['extra_info']['post_id']} on a tiny Qwen2.5-VL")
+        else:
+            console.print("no image record: the image GRPO step is skipped")
+        return steps
+
+
+def _step_args(cfg: dict[str, Any], tmp: Path, **overrides: Any) -> Any:
+    """The configured ``GRPOConfig`` made to run on the CPU in seconds."""
+    return grpo_config(
+        cfg,
+        use_cpu=True,
+        bf16=False,
+        use_vllm=False,
+        max_completion_length=8,
+        output_dir=str(tmp / "out"),
+        report_to="none",
+        save_strategy="no",
+        **overrides,
+    )
+
+
+def _reward_means(trainer: Any) -> dict[str, float]:
+    means = {
+        k.split("/")[1]: float(v[-1])
+        for k, v in trainer._metrics["train"].items()
+        if k.startswith("rewards/") and k.endswith("/mean")
+    }
+    return {k: v for k, v in means.items() if k in {f.__name__ for f in make_reward_funcs()}}
+
+
+def text_step(
+    cfg: dict[str, Any], data: Any, texts: list[dict[str, Any]], tok: Any, tmp: Path
+) -> dict[str, float]:
+    """One GRPO generation-and-scoring step over the text records, with the configured group size, on
+    the tiny Qwen2 policy ``tiny_policy`` saved under ``tmp``."""
+    GRPOTrainer = _module("trl").GRPOTrainer
+    step_args = _step_args(cfg, tmp)
+    trainer = GRPOTrainer(
+        model=str(tmp / "policy"),
+        reward_funcs=make_reward_funcs(floors_of(cfg)),
+        args=step_args,
+        train_dataset=data["train"].filter(lambda r: not r["images"]),
+        processing_class=tok,
+    )
+    batch = [texts[i % len(texts)] for i in range(step_args.generation_batch_size)]
+    batch.sort(key=lambda r: str(r["extra_info"]["post_id"]))  # groups of identical prompts
+    trainer.model.train()  # a training step: TRL files its metrics under the mode
+    out = trainer._generate_and_score_completions(batch)
+    if out["advantages"].shape[0] != len(batch):
+        raise ValueError("GRPO step returned the wrong number of advantages")
+    return _reward_means(trainer)
+
+
+def image_step(cfg: dict[str, Any], split: Any, record: dict[str, Any], tmp: Path) -> dict[str, float]:
+    """One GRPO generation-and-scoring step on one image record (its ``images`` decoded by
+    ``datasets.Image``) through a tiny random Qwen2.5-VL policy and the real Qwen2.5-VL processor:
+    TRL's ``prepare_multimodal_messages``, the processor's chat template and image processor, generation
+    with ``pixel_values`` through the vision tower, the reference model's log-probs, the rewards. One
+    group of 2 generations (the configured 16 over a ~2300-token prompt take over a minute on 2 cores);
+    the group size does not change the input path. Raises if the vision inputs TRL returns do not match
+    the prompt's image tokens (``vision_problems``)."""
+    GRPOTrainer = _module("trl").GRPOTrainer
+    processor = tiny_vl_policy(tmp / "vl-policy")
+    step_args = _step_args(
+        cfg, tmp, num_generations=2, per_device_train_batch_size=2, gradient_accumulation_steps=1
+    )
+    trainer = GRPOTrainer(
+        model=str(tmp / "vl-policy"),
+        reward_funcs=make_reward_funcs(floors_of(cfg)),
+        args=step_args,
+        train_dataset=split.filter(lambda imgs: bool(imgs), input_columns=["images"]),
+        processing_class=processor,
+    )
+    batch = [record] * step_args.generation_batch_size
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch)
+    if out["advantages"].shape[0] != len(batch) or out["completion_ids"].shape[0] != len(batch):
+        raise ValueError("image GRPO step returned the wrong number of completions")
+    ids = [row[mask.bool()].tolist() for row, mask in zip(out["prompt_ids"], out["prompt_mask"], strict=True)]
+    problems = vision_problems(ids, out["image_grid_thw"], out["pixel_values"], out["num_images"], processor)
+    if problems:
+        raise ValueError(f"{record['extra_info']['post_id']}: TRL's vision inputs are wrong: {problems}")
+    return _reward_means(trainer)
 
 
 def dry_run(cfg: dict[str, Any], console: Console, limit: int = 8, trl: bool = True) -> int:
@@ -305,8 +436,11 @@ def dry_run(cfg: dict[str, Any], console: Console, limit: int = 8, trl: bool = T
     except ImportError:
         console.print("[yellow]TRL check skipped[/]: install the train extra (pip install -e '.[train]')")
         return 0
-    means = trl_dry_run(cfg, root, console)
-    console.print("GRPO step on the tiny policy, mean rewards: " + json.dumps(means))
+    steps = trl_dry_run(cfg, root, console)
+    for name, means in steps.items():
+        console.print(
+            f"GRPO {name} step on a tiny policy, mean rewards: " + json.dumps(means), soft_wrap=True
+        )
     return 0
 
 
