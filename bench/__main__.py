@@ -14,6 +14,7 @@ Each section prints a table and a ratio against a baseline measured in the same 
 3. cache:    100%-hit stream vs the same worker on misses; hit rate on a stream with duplicates
 4. cpu:      the default CPU engine (MiniLM) posts/s and peak RSS
 5. memory:   peak RSS of the worker draining a 100k-post backlog
+6. image memory (bench/memory.py): peak RSS of the worker path on the worst image feed, image budget on vs off
 
 Throughput is measured from the first published post to the last, so group joins and model loads are
 excluded from both sides.
@@ -460,7 +461,7 @@ def bench_memory(env: Env, n: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--only", default="overhead,gpu,cache,cpu,memory")
+    ap.add_argument("--only", default="overhead,gpu,cache,cpu,memory,image-memory")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -503,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             results["cpu"] = bench_cpu_engine(sizes["cpu"])
         if "memory" in only:
             results["memory"] = bench_memory(env, sizes["memory"])
+        if "image-memory" in only:
+            from bench.memory import bench_image_memory
+
+            s3c = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
+            results["image_memory"] = bench_image_memory(env.settings(), s3c, 32 if a.quick else 128, table)
     finally:
         s3.stop()
         broker.stop()

@@ -113,6 +113,132 @@ class DecodeBudget:
 _UNBOUNDED = DecodeBudget(1 << 62)
 
 
+def image_nbytes(img: Image.Image) -> int:
+    """Pixel memory Pillow holds for ``img`` (RGB is stored in 32 bits per pixel)."""
+    return img.size[0] * img.size[1] * bytes_per_pixel(img.mode)
+
+
+class _Charge:
+    """One decoded image, shared by the posts of a fetch batch that reference it (identical refs are
+    decoded once): its bytes go back to the budget when the last of those posts is released."""
+
+    __slots__ = ("holders", "nbytes")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.holders = 0
+
+
+class ImageLease:
+    """A post's share of the ``ImageBudget``: held from the decode of its images until its outcome is
+    produced (or it is dropped). ``release`` is idempotent: the bytes go back exactly once."""
+
+    __slots__ = ("_budget", "_charges", "released")
+
+    def __init__(self, budget: ImageBudget, charges: list[_Charge]) -> None:
+        self._budget = budget
+        self._charges = charges
+        self.released = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._charges)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        freed = 0
+        for c in self._charges:
+            c.holders -= 1
+            if c.holders == 0:
+                freed += c.nbytes
+        self._charges = []
+        self._budget._give_back(freed)
+
+
+class ImageBudget:
+    """Bytes of normalised images held by posts from their decode until their outcome is produced
+    (``GUARDSTREAM_INFLIGHT_IMAGE_BYTES``; issue 13 item 2).
+
+    The worker reserves a post's worst case (``worst_case``: distinct refs × ``per_image_bytes``, the
+    largest image ``decode_image`` can return) *before* fetching it, on the thread that admits records, and
+    never blocks: a post that does not fit waits outside the window (backpressure) until releases make
+    room. After the fetch, ``settle`` swaps the batch's reservation for the bytes of the images actually
+    decoded (an image shared by several posts of the batch is counted once and freed with its last
+    holder). A post larger than the whole budget is admitted when the budget is empty (alone), so it
+    cannot deadlock. ``used`` never exceeds ``capacity`` except by such a lone post.
+
+    (The transient working memory of decodes in progress is the ``DecodeBudget``'s, in the fetch threads;
+    the two are separate because the fetch threads must never wait for a release only the admitting
+    thread can make.)
+    """
+
+    def __init__(self, capacity: int, per_image_bytes: int) -> None:
+        self.capacity = capacity
+        self.per_image_bytes = per_image_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+        self.peak = 0
+
+    @classmethod
+    def for_target(cls, capacity: int, target_pixels: int) -> ImageBudget:
+        """The budget for images normalised to at most ``target_pixels`` (and ``MAX_SIDE``), RGB."""
+        return cls(capacity, min(target_pixels, MAX_SIDE * MAX_SIDE) * bytes_per_pixel("RGB"))
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def worst_case(self, refs: Sequence[ImageRef]) -> int:
+        return len(set(refs)) * self.per_image_bytes
+
+    def fits(self, nbytes: int) -> bool:
+        return self._used == 0 or self._used + nbytes <= self.capacity
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit (or the budget is empty: a lone oversized post); never waits."""
+        with self._lock:
+            if not (self._used == 0 or self._used + nbytes <= self.capacity):
+                return False
+            self._used += nbytes
+            self.peak = max(self.peak, self._used)
+            return True
+
+    def settle(
+        self, reserved: int, images_per_post: Sequence[Sequence[Image.Image]]
+    ) -> list[ImageLease | None]:
+        """Replace a batch's reservation by the bytes of its decoded images: one lease per post that holds
+        images (None for one that holds none)."""
+        charges: dict[int, _Charge] = {}
+        leases: list[ImageLease | None] = []
+        for images in images_per_post:
+            if not images:
+                leases.append(None)
+                continue
+            mine: dict[int, _Charge] = {}
+            for img in images:
+                c = charges.get(id(img))
+                if c is None:
+                    c = charges[id(img)] = _Charge(image_nbytes(img))
+                if id(img) not in mine:
+                    mine[id(img)] = c
+                    c.holders += 1
+            leases.append(ImageLease(self, list(mine.values())))
+        actual = sum(c.nbytes for c in charges.values())
+        with self._lock:
+            self._used += actual - reserved
+            self.peak = max(self.peak, self._used)
+            assert self._used >= 0, "image budget: settled more than was reserved"
+        return leases
+
+    def _give_back(self, nbytes: int) -> None:
+        if nbytes:
+            with self._lock:
+                self._used -= nbytes
+                assert self._used >= 0, "image budget released below zero"
+
+
 def decode_image(
     data: bytes,
     max_pixels: int,

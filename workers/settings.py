@@ -121,6 +121,13 @@ class Settings(BaseSettings):
 
     # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together
     decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=16 * 1024 * 1024)
+    # Normalised image bytes held by posts from decode until their outcome (issue 13 item 2); posts that
+    # do not fit wait before the window (backpressure). 384 MiB = 100 images at VLLM_MAX_PIXELS (3.8 MiB
+    # each): a 256-post window at a 30% one-image mix (~77 images) is never held back. The 2 GiB pod
+    # (infra/k8s) then holds at most this + DECODE_BUDGET_BYTES (512 MiB) + the worker itself (~0.1 GiB,
+    # make bench section 6) + the vllm-server engine's PNG/base64 request copies of the same admitted
+    # images (~1.5x this): ~1.6 GiB, 0.4 GiB of margin.
+    inflight_image_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(

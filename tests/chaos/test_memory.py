@@ -10,6 +10,12 @@ The feeds are the worst ones from the issue, fetched from the real S3 server thr
 The bound stated (README, failure table): peak RSS growth over the process's RSS before the batch is at
 most ``decode budget + refs × target_pixels × 4 B (the decoded RGB thumbnails a batch keeps) + 96 MiB``
 (allocator slack, S3 bodies, thread stacks).
+
+The worker path (``GUARDSTREAM_INFLIGHT_IMAGE_BYTES``): the real ``KafkaWorker`` on the real broker and S3
+server, 64 posts × 4 *distinct* refs to a 2048² PNG, ``MAX_IN_FLIGHT`` 256 and an engine that answers only
+when the window is full or the worker waits for the image budget, so every post the worker admits stays
+held. Bound: peak RSS growth ≤ image budget + decode budget + 96 MiB. The same run with the budget
+disabled (huge) holds every post's thumbnails at once and must exceed that bound — so the test can fail.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.memory import UNBOUNDED, worker_image_run
 from tests.conftest import BUCKET, Services
+from workers.settings import Settings
 
 TARGET_PIXELS = 1280 * 28 * 28  # the vLLM engines' default pixel bound
 BUDGET = 256 << 20
@@ -144,3 +152,36 @@ def test_distinct_39mp_pngs_stay_within_the_decode_budget(
     assert res["ok"] == 2
     assert res["budget_peak"] <= BUDGET
     assert res["growth"] < res["bound"], f"{res['growth'] >> 20} MiB >= bound {res['bound'] >> 20} MiB"
+
+
+# ------------------------------------------------------------------ the worker path
+
+WINDOW_POSTS = 64
+WINDOW_TARGET = 724 * 724  # 2 MiB per RGB thumbnail: 64 posts × 4 refs = 512 MiB if all are held
+WINDOW_BUDGET = 64 << 20
+WINDOW_DECODE_BUDGET = 64 << 20
+
+
+@pytest.mark.integration
+def test_the_worker_window_holds_at_most_the_image_budget(services: Services, settings: Settings) -> None:
+    small = {"vllm_max_pixels": WINDOW_TARGET, "decode_budget_bytes": WINDOW_DECODE_BUDGET}
+    s3 = services.s3_client()
+    on = worker_image_run(settings, s3, WINDOW_POSTS, WINDOW_BUDGET, settings=small)
+    off = worker_image_run(settings, s3, WINDOW_POSTS, UNBOUNDED, settings=small)
+    bound = WINDOW_BUDGET + WINDOW_DECODE_BUDGET + SLACK
+    print(
+        f"\nworker window, {WINDOW_POSTS} posts × 4 distinct refs to a 2048² PNG, MAX_IN_FLIGHT 256: "
+        f"peak RSS growth {on['growth'] >> 20} MiB with a {WINDOW_BUDGET >> 20} MiB image budget "
+        f"(budget peak {on['budget_peak'] >> 20} MiB, at most {on['max_outstanding']} posts in the "
+        f"engine), {off['growth'] >> 20} MiB without (all {off['max_outstanding']} in the engine); "
+        f"bound {bound >> 20} MiB"
+    )
+    for res in (on, off):
+        assert res["verdicts"] == res["consumed"] == WINDOW_POSTS
+        assert res["budget_used_after"] == 0, "image bytes leaked past the run"
+    assert on["budget_peak"] <= WINDOW_BUDGET
+    assert on["max_outstanding"] < WINDOW_POSTS  # admission waited for the budget
+    assert off["max_outstanding"] == WINDOW_POSTS  # the engine really held the whole feed at once
+    assert on["growth"] < bound, f"{on['growth'] >> 20} MiB >= bound {bound >> 20} MiB"
+    assert off["growth"] > bound, "without the budget the window should hold every thumbnail"
+    assert off["growth"] - on["growth"] > 150 << 20

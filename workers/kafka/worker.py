@@ -17,6 +17,10 @@ decisions: content-hash cache, deterministic engines).
 Backpressure: when ``MAX_IN_FLIGHT`` requests are outstanding the worker stops consuming and waits for
 completions; if that lasts ``PAUSE_AFTER_S`` the partitions are paused and the consumer keeps being
 served (group membership, rebalances) without reading ahead, and they are resumed when room frees up.
+The same holds for image memory (``INFLIGHT_IMAGE_BYTES``, ``workers.media.ImageBudget``): each image post
+reserves its worst case before it is fetched and holds the bytes of its decoded images until its outcome
+is built (or it is dropped by a revoke or shutdown); an image post that does not fit waits, decoded but
+unfetched, and admission stops as for a full window. Text posts already consumed go on.
 
 Rebalances: on revoke the worker waits up to ``REVOKE_TIMEOUT_S`` for the revoked partitions' requests,
 publishes what finished, commits their watermarks, and drops the rest uncommitted (cancelled in the
@@ -60,6 +64,7 @@ from guard.types import EngineDeadError, StreamingEngine, Verdict
 from schemas.events import ErrorCode
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import TP, Offsets
+from workers.media import ImageBudget, ImageLease
 from workers.observability import metrics
 from workers.pipeline.engine_loop import EngineLoop, Failure
 from workers.pipeline.moderator import Moderator, Prepared, shrink_output
@@ -130,6 +135,11 @@ class Job:
     future: Future[Verdict | Failure] | None = None
     outcome: Outcome | None = None
     remaining: int = 0  # outputs not yet acknowledged
+    lease: ImageLease | None = None  # its images' share of the image budget, until its outcome is built
+
+    def release_images(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def tp(self) -> TP:
@@ -206,6 +216,10 @@ class KafkaWorker:
         self._in_engine: set[Job] = set()
         self._engine_held: list[Job] = []  # refused by a dead engine: re-submitted after backoff
         self._media_held: list[tuple[int, Record]] = []  # S3 unavailable: prepared again after backoff
+        # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
+        # decoded image posts that do not fit wait here, unfetched, and admission stops (backpressure)
+        self.images = ImageBudget.for_target(settings.inflight_image_bytes, settings.vllm_max_pixels)
+        self._budget_held: list[tuple[int, Prepared]] = []
         self._engine_outage = _Outage("engine", settings.engine_deadline_s, settings.outage_backoff_s)
         self._media_outage = _Outage("media", settings.media_deadline_s, settings.outage_backoff_s)
         self.offsets = Offsets()
@@ -225,6 +239,11 @@ class KafkaWorker:
         self._on_batch: Callable[[list[Outcome]], None] | None = None
         self.stats = RunStats()
         self.keep_outcomes = False
+
+    @property
+    def waiting_for_image_budget(self) -> int:
+        """Decoded image posts waiting, unfetched, for room in the image budget (admission is stopped)."""
+        return len(self._budget_held)
 
     # ------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -346,8 +365,12 @@ class KafkaWorker:
         for job in [j for j in self._in_engine if j.tp in tps]:
             if job.future is not None:
                 job.future.cancel()
+        for job in self._engine_held:
+            if job.tp in tps:
+                job.release_images()
         self._engine_held = [j for j in self._engine_held if j.tp not in tps]
         self._media_held = [(e, r) for e, r in self._media_held if (r.topic, r.partition) not in tps]
+        self._budget_held = [(e, p) for e, p in self._budget_held if _tp(p.record) not in tps]
         self.offsets.revoke(tps)
 
     def _rewind(self, tps: list[TP]) -> None:
@@ -414,6 +437,7 @@ class KafkaWorker:
         self.producer.poll(0)
         self._raise_delivery_failures()
         self._retry_outages()
+        self._retry_budget_held()
         self._maybe_commit()
         room = self.max_in_flight - len(self._in_engine)
         if room > 0 and self._admitting():
@@ -441,6 +465,7 @@ class KafkaWorker:
         return not (
             self._stop.is_set()
             or self._draining
+            or bool(self._budget_held)  # image posts wait for the image budget: take nothing more
             or self._engine_outage.since is not None
             or self._media_outage.since is not None
         )
@@ -466,7 +491,7 @@ class KafkaWorker:
 
     def _quiet(self) -> bool:
         """Nothing in flight, nothing held, every output acknowledged and committed."""
-        if self._in_engine or self._engine_held or self._media_held:
+        if self._in_engine or self._engine_held or self._media_held or self._budget_held:
             return False
         if not self.offsets.all_complete():
             self.producer.poll(0.01)  # acks still coming
@@ -490,15 +515,44 @@ class KafkaWorker:
         return bool(entered)
 
     def _dispatch(self, entered: list[tuple[int, Record]]) -> None:
-        """Prepare records (decode, fetch, hash, cache): misses go to the engine, the rest publish now."""
-        prepared = self.moderator.prepare([r for _e, r in entered])
+        """Decode records; admit the image posts the image budget has room for (the rest wait, unfetched,
+        in ``_budget_held``); prepare the admitted (fetch, hash, cache): misses go to the engine, the rest
+        publish now."""
+        decoded = self.moderator.decode([r for _e, r in entered])
+        self._route([(epoch, p) for (epoch, _r), p in zip(entered, decoded, strict=True)])
+
+    def _route(self, decoded: list[tuple[int, Prepared]]) -> None:
+        go: list[tuple[int, Prepared]] = []
+        reserved = 0
+        for epoch, p in decoded:
+            refs = p.image_refs
+            if refs:
+                need = self.images.worst_case(refs)
+                # FIFO: no image post overtakes one already waiting (a large post is never starved);
+                # text-only posts and dead letters of this batch go on
+                if self._budget_held or not self.images.try_reserve(need):
+                    self._budget_held.append((epoch, p))
+                    continue
+                reserved += need
+            go.append((epoch, p))
+        if not go:
+            return
+        try:
+            prepared = self.moderator.complete([p for _e, p in go])
+        except BaseException:
+            self.images.settle(reserved, [])  # nothing of the batch is kept
+            raise
+        # the worst case reserved becomes the bytes actually decoded, one lease per post
+        leases = self.images.settle(reserved, [p.item.images if p.item else () for p in prepared])
         now_ready: list[Job] = []
         unavailable: list[tuple[int, Record]] = []
-        for (epoch, _r), p in zip(entered, prepared, strict=True):
+        for (epoch, p), lease in zip(go, leases, strict=True):
             if p.unavailable is not None:
+                if lease is not None:
+                    lease.release()
                 unavailable.append((epoch, p.record))
                 continue
-            job = Job(p, epoch)
+            job = Job(p, epoch, lease=lease)
             if p.needs_engine:
                 self._submit(job)
             else:
@@ -512,7 +566,24 @@ class KafkaWorker:
             self._update_ready()
         if now_ready:
             self._publish_jobs(now_ready)
-        metrics.IN_FLIGHT.set(len(self._in_engine) + len(self._engine_held) + len(self._media_held))
+        self._set_in_flight_metric()
+
+    def _retry_budget_held(self) -> None:
+        """Admit the image posts that waited for the image budget, as far as it has room now."""
+        held = self._budget_held
+        if not held or self._draining or self._stop.is_set():  # an exactly-once drain, a shutdown
+            return
+        if self._engine_outage.since is not None or self._media_outage.since is not None:
+            return
+        if not self.images.fits(self.images.worst_case(held[0][1].image_refs)):
+            return
+        self._budget_held = []
+        self._route([(e, p) for e, p in held if self.offsets.current(_tp(p.record), e)])
+
+    def _set_in_flight_metric(self) -> None:
+        metrics.IN_FLIGHT.set(
+            len(self._in_engine) + len(self._engine_held) + len(self._media_held) + len(self._budget_held)
+        )
 
     def _submit(self, job: Job) -> None:
         assert job.prepared.item is not None
@@ -537,11 +608,13 @@ class KafkaWorker:
         for job in jobs:
             self._in_engine.discard(job)
             if not self.offsets.current(job.tp, job.epoch):
+                job.release_images()
                 continue  # revoked meanwhile: not ours to publish
             assert job.future is not None
             try:
                 res = job.future.result()
             except CancelledError:
+                job.release_images()
                 continue
             except EngineDeadError as exc:
                 self._engine_held.append(job)
@@ -567,7 +640,7 @@ class KafkaWorker:
             finished.append(job)
         if finished:
             self._publish_jobs(finished)
-        metrics.IN_FLIGHT.set(len(self._in_engine) + len(self._engine_held) + len(self._media_held))
+        self._set_in_flight_metric()
         return len(finished)
 
     def _retry_outages(self) -> None:
@@ -601,7 +674,13 @@ class KafkaWorker:
 
     # ------------------------------------------------------------ publish
     def _publish_jobs(self, jobs: list[Job]) -> None:
-        outcomes = self.moderator.finish([j.prepared for j in jobs])
+        try:
+            outcomes = self.moderator.finish([j.prepared for j in jobs])
+        finally:
+            # the outcome is built: the images are no longer needed, even while the acks are awaited
+            for j in jobs:
+                j.prepared.drop_images()
+                j.release_images()
         for job, o in zip(jobs, outcomes, strict=True):
             job.outcome = o
             job.remaining = len(o.outputs)
@@ -903,6 +982,10 @@ class KafkaWorker:
     def close(self) -> None:
         self._closing = True
         self._engine.close(self.s.shutdown_timeout_s)
+        # what shutdown left in the engine (abandoned, uncommitted) gives its images back
+        for job in [*self._in_engine, *self._engine_held]:
+            job.release_images()
+        self._budget_held.clear()
         try:
             self.consumer.close()
         finally:
@@ -911,3 +994,7 @@ class KafkaWorker:
             # drop them so the producer's threads stop now instead of reconnecting forever
             del self.producer, self.consumer
             self.moderator.close()
+
+
+def _tp(r: Record) -> TP:
+    return (r.topic, r.partition)

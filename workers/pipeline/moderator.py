@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
 from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import DecodeError, decode_post
-from schemas.events import DeadLetterEvent, ErrorCode, PostEvent
+from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers.cache import ContentKeyer, VerdictCache
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
@@ -40,6 +40,18 @@ class Prepared:
     error: tuple[ErrorCode, str, str] | None = None  # code, error class, message
     verdict: Verdict | None = field(default=None)
     unavailable: str | None = None  # an infrastructure outage (S3) kept it from being prepared: retry later
+
+    @property
+    def image_refs(self) -> list[ImageRef]:
+        """The refs this post still has to fetch (none once it failed or was fetched)."""
+        if self.post is None or self.error is not None or self.item is not None or not self.post.images:
+            return []
+        return self.post.image_refs
+
+    def drop_images(self) -> None:
+        """Let go of the decoded images once the outcome is built (the record may wait for its acks)."""
+        if self.item is not None and self.item.images:
+            self.item = replace(self.item, images=())
 
     @property
     def needs_engine(self) -> bool:
@@ -74,7 +86,14 @@ class Moderator:
         """Decode, fetch media, hash and look up ``records``. Never raises for one record's sake: anything
         unexpected while preparing a record dead-letters that record (``internal_error``), so one hostile
         post cannot stop the stream. An S3 *outage* (``MediaUnavailable``) is not the post's fault: those
-        records come back with ``unavailable`` set, for the caller to hold and retry."""
+        records come back with ``unavailable`` set, for the caller to hold and retry.
+
+        Two steps, which the streaming worker calls apart to admit image posts against its image budget
+        between them: ``decode`` (the event: its image refs are known, nothing fetched) and ``complete``."""
+        return self.complete(self.decode(records))
+
+    def decode(self, records: Sequence[Record]) -> list[Prepared]:
+        """Decode and validate each record's event (``post`` or ``error`` set); fetches nothing."""
         now = time.monotonic()
         prepared = [Prepared(record=r, started=now) for r in records]
         metrics.CONSUMED.inc(len(records))
@@ -85,6 +104,10 @@ class Moderator:
                 p.error = (exc.code, "DecodeError", exc.message)
             except Exception as exc:
                 _internal(p, exc, "decode")
+        return prepared
+
+    def complete(self, prepared: list[Prepared]) -> list[Prepared]:
+        """After ``decode``: fetch media, hash and look up the cache (in place; returns ``prepared``)."""
         with_images = [p for p in prepared if p.post is not None and p.post.images and p.error is None]
         if with_images:
             self._fetch(with_images)
