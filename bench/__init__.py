@@ -1,1 +1,5 @@
-"""Benchmarks: ``python -m bench`` (or ``make bench``). See bench/__main__.py."""
+"""Benchmarks: ``python -m bench`` (or ``make bench``).
+
+``harness.py`` (the local stack, sizes, the section registry), ``baselines.py``, one module per section
+in ``sections/``.
+"""

@@ -64,7 +64,7 @@ from workers.pipeline.records import Outcome
 from workers.wiring import build_worker
 
 if TYPE_CHECKING:
-    from bench.__main__ import Env
+    from bench.harness import Env
 
 BUCKET = "guardstream-media"
 IMAGE_SIZE = (448, 448)  # 256 visual tokens at 28×28 per token
