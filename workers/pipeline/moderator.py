@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 import structlog
 
 from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
-from schemas.codec import DecodeError, decode_post
+from schemas.codec import decode_post
+from schemas.errors import RecordError
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers.cache import ContentKeyer, VerdictCache
@@ -100,8 +101,8 @@ class Moderator:
         for p in prepared:
             try:
                 p.post = decode_post(p.record.value)
-            except DecodeError as exc:
-                p.error = (exc.code, "DecodeError", exc.message)
+            except RecordError as exc:
+                _reject(p, exc)
             except Exception as exc:
                 _internal(p, exc, "decode")
         return prepared
@@ -141,8 +142,9 @@ class Moderator:
                 p.unavailable = str(exc)[:500]
             return
         except Exception:
-            # one post's images broke the batch fetch in an unexpected way: fetch post by post so only
-            # that post is dead-lettered
+            # one post's images broke the batch fetch (a RecordError the fetcher raised instead of
+            # returning it, or something unexpected): fetch post by post so only that post is
+            # dead-lettered
             for p in with_images:
                 self._fetch_one(p)
             return
@@ -156,6 +158,9 @@ class Moderator:
         except MediaUnavailable as exc:
             p.unavailable = str(exc)[:500]
             return
+        except RecordError as exc:
+            _reject(p, exc)
+            return
         except Exception as exc:
             _internal(p, exc, "media fetch")
             return
@@ -163,7 +168,7 @@ class Moderator:
 
     def _attach(self, p: Prepared, res: list[FetchedImage] | MediaError) -> None:
         if isinstance(res, MediaError):
-            p.error = (res.code, "MediaError", res.message)
+            _reject(p, res)
             return
         assert p.post is not None
         try:
@@ -409,6 +414,12 @@ def _post_id_hint(raw: bytes | None) -> str | None:
     pid = obj.get("post_id") if isinstance(obj, dict) else None
     # a lone surrogate ("\ud800") would make the dead letter itself unserialisable: replace it
     return pid[:256].encode("utf-8", "replace").decode("utf-8") if isinstance(pid, str) else None
+
+
+def _reject(p: Prepared, exc: RecordError) -> None:
+    """A fact about this record (``DecodeError``, ``MediaError``, any ``RecordError``): its dead letter,
+    with the error's own code."""
+    p.error = (exc.code, type(exc).__name__, exc.message)
 
 
 def _internal(p: Prepared, exc: Exception, stage: str) -> None:
