@@ -14,8 +14,10 @@ than *which module raised it*:
   problem found at start.
 
 Exceptions nobody planned for are none of these: while a record is prepared they dead-letter that record
-as ``internal_error`` (the last line of defence), anywhere else they are bugs. Errors of the tools
-around the worker (the CLI's ``CliError``, the local stack's ``StackError``) keep their own handling.
+as ``internal_error`` (the last line of defence), anywhere else they are bugs. Neither is an engine's
+failure of one request (``guard.errors.EngineRequestError``): the worker retries it before it gives that
+post a dead letter. Errors of the tools around the worker (the CLI's ``CliError``, the local stack's
+``StackError``) keep their own handling.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from guard.types import EngineDeadError, StreamingEngine, Verdict
+from guard.errors import EngineDeadError
+from guard.types import StreamingEngine, Verdict
 from schemas.events import ErrorCode
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import TP, Offsets

@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
+from guard.errors import EngineError
+from guard.types import GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import decode_post
 from schemas.errors import RecordError
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
