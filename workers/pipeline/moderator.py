@@ -193,17 +193,20 @@ class Moderator:
         down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
         if down is not None:
             raise MediaUnavailable(down)
-        self.moderate(prepared)
+        self.call_engine(prepared)
         return self.finish(prepared)
 
     @staticmethod
     def _todo(prepared: Sequence[Prepared]) -> list[Prepared]:
         return [p for p in prepared if p.needs_engine]
 
-    def moderate(self, prepared: Sequence[Prepared]) -> None:
-        """The engine step: the model call on the cache misses, nothing else. The runner calls it on its
-        engine thread, where a GPU engine waits with the GIL released; all the Python work around it
-        (events, JSON, cache writes) stays on the main thread in ``finish`` so the two never contend."""
+    def call_engine(self, prepared: Sequence[Prepared]) -> None:
+        """The batch path's engine step (``infer``; the bench times it alone): ``GuardEngine.moderate`` on
+        the cache misses, with retries and bisection, nothing else. All the Python work around it (events,
+        JSON, cache writes) is in ``finish``, so a caller can run the model call on a thread of its own,
+        where a GPU engine waits with the GIL released, without the two contending. (The streaming
+        worker does not come here: it awaits ``StreamingEngine.judge`` per post in
+        ``workers.pipeline.engine_loop``.)"""
         todo = self._todo(prepared)
         if todo:
             self._run_engine(todo)
@@ -213,7 +216,7 @@ class Moderator:
                     self._run_engine([p])
 
     def finish(self, prepared: Sequence[Prepared]) -> list[Outcome]:
-        """After ``moderate``: cache the new verdicts and build the outcome (events to publish) per record."""
+        """After ``call_engine``: cache the new verdicts, build the outcome (events to publish) per record."""
         todo = self._todo(prepared)
         hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
         metrics.CACHE_HITS.inc(hits)
