@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
+from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
-from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
+from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
 
 

@@ -44,9 +44,10 @@ import httpx
 import structlog
 
 from guard.chat import combine, expand, openai_messages, p_unsafe_from_logprobs
+from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
-from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
+from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
 
 log = structlog.get_logger(__name__)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from guard.types import EngineDeadError, EngineError, GuardEngine, ModerationItem, Verdict
+from guard.errors import EngineDeadError, EngineError
+from guard.types import GuardEngine, ModerationItem, Verdict
 
 
 @dataclass(slots=True)

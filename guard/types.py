@@ -40,20 +40,6 @@ class Verdict:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class EngineError(RuntimeError):
-    """The engine failed on a whole batch (device error, server down...). The worker retries/bisects."""
-
-
-class EngineRequestError(EngineError):
-    """One request failed (a timeout, a 4xx/5xx for that request, a bad output shape). Retryable per
-    request; a post that keeps failing becomes a dead letter (``engine_failed``)."""
-
-
-class EngineDeadError(EngineError):
-    """The engine itself is gone (server unreachable, CUDA error, engine core died). Not a property of
-    any post: the worker stops taking work, commits nothing past it, and waits or exits per config."""
-
-
 @runtime_checkable
 class GuardEngine(Protocol):
     """A batched moderation backend.
@@ -81,8 +67,8 @@ class StreamingEngine(Protocol):
     a vLLM server) keeps its running batch full and returns each verdict the moment it is done.
     Batch-native backends (the CPU engine, transformers) sit behind ``guard.streaming.MicroBatcher``.
 
-    Errors: ``EngineRequestError`` (or any other exception) fails that one post; ``EngineDeadError``
-    says the engine is gone and no post should be blamed for it.
+    Errors (``guard.errors``): ``EngineRequestError`` (or any other exception) fails that one post;
+    ``EngineDeadError`` says the engine is gone and no post should be blamed for it.
     """
 
     name: str

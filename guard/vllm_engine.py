@@ -32,7 +32,7 @@ Stand-ins (tests, the bench's GPU simulator) are injected with ``llm_factory(**e
         (a final output with finish_reason "abort", an exception, or simply stopping)
     llm.shutdown()               (sync or async)
     llm.errored: bool            (optional; True after the engine died)
-    raise an exception whose class name ends in ``EngineDeadError`` (vLLM's, ``guard.types``', a
+    raise an exception whose class name ends in ``EngineDeadError`` (vLLM's, ``guard.errors``', a
         simulator's ``SimEngineDeadError``) from generate when the engine is gone.
 
 With no ``sampling_params_factory`` and an injected ``llm_factory`` the sampling params are a
@@ -64,10 +64,11 @@ from typing import Any
 import structlog
 
 from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
+from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
-from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
+from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
 
 log = structlog.get_logger(__name__)

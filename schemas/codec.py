@@ -7,13 +7,16 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from schemas.errors import RecordError
 from schemas.events import MAX_TEXT_CHARS, SUPPORTED_POST_VERSIONS, ErrorCode, PostEvent
 
 MAX_EVENT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeError(Exception):
+class DecodeError(RecordError):
+    """The bytes are not a valid post (``code`` says how): the record is dead-lettered."""
+
     code: ErrorCode
     message: str
     post_id: str | None = None

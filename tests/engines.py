@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from guard.errors import EngineError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
-from guard.types import EngineError, GuardEngine, ModerationItem, Verdict
+from guard.types import GuardEngine, ModerationItem, Verdict
 
 
 class PoisonEngine:

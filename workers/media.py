@@ -11,11 +11,12 @@ the engine's pixel bound *before* any mode conversion or EXIF transpose (which c
 mode (CMYK, P, LA, 16-bit, float) becomes 8-bit RGB; animated images contribute their first frame. The
 whole decode runs under one guard: whatever a plugin raises becomes a ``MediaError`` with a stable code.
 
-Errors are split by whose fault they are. ``MediaError`` is a property of the post (missing object, not
-an image, a bomb, too large, a bucket that is not allowed): the post is dead-lettered. ``MediaUnavailable``
-is the infrastructure (S3 down, 5xx, throttling, bad or missing credentials, a missing bucket): after
-boto3's bounded retries with jittered backoff ``fetch_posts`` raises it for the whole batch, and the
-worker must wait and retry rather than dead-letter valid posts.
+Errors are split by whose fault they are. ``MediaError`` (a ``RecordError``) is a property of the post
+(missing object, not an image, a bomb, too large, a bucket that is not allowed): the post is dead-lettered.
+``MediaUnavailable`` (an ``InfrastructureError``) is the infrastructure (S3 down, 5xx, throttling, bad or
+missing credentials, a missing bucket): after boto3's bounded retries with jittered backoff
+``fetch_posts`` raises it for the whole batch, and the worker must wait and retry rather than dead-letter
+valid posts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from schemas.errors import InfrastructureError, RecordError
 from schemas.events import ErrorCode, ImageRef
 from workers.secrets import mask_urls_in
 
@@ -58,16 +60,11 @@ _WORKING_FACTOR = 1.5
 Image.init()  # register every plugin once, so the allow-list below can name MPO/WEBP (open() is lazy)
 
 
-class MediaError(Exception):
+class MediaError(RecordError):
     """A property of the post's image: the post is dead-lettered with ``code``."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
-
-class MediaUnavailable(RuntimeError):
+class MediaUnavailable(InfrastructureError):
     """S3 (or the credentials or bucket it needs) is unavailable: not the post's fault. Do not dead-letter,
     do not commit past the post; wait and retry the batch."""
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from guard.engines import EngineKind
 from guard.types import GuardEngine, ModerationItem
+from schemas.errors import EXIT_CONFIG, FatalError
 from workers.kafka.config import admin_config
 from workers.secrets import mask_url, mask_urls_in
 from workers.settings import Settings
@@ -44,7 +45,12 @@ class CheckResult:
         return mask_urls_in(f"{status} {self.name:<9} {self.detail}{tail}")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(FatalError):
+    """A check failed at start (a wrong setting, a missing topic, an unreadable bucket): waiting does not
+    fix it, so the worker does not start (exit 2); ``failures`` name each fix."""
+
+    exit_code = EXIT_CONFIG
+
     def __init__(self, failures: list[CheckResult]) -> None:
         super().__init__("; ".join(f.line() for f in failures))
         self.failures = failures

@@ -96,7 +96,7 @@ def stage_costs(s: Settings, n: int) -> tuple[dict[str, float], float]:
             t0 = time.process_time()
             prepared = m.prepare(records[i : i + s.max_batch_size])
             t1 = time.process_time()
-            m.moderate(prepared)
+            m.call_engine(prepared)
             t2 = time.process_time()
             m.finish(prepared)
             t3 = time.process_time()

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 
 from guard.chat import IMAGE_PLACEHOLDER, p_unsafe_from_logprobs, render_qwen2_5_vl
 from guard.engines import EngineKind, EngineOptions, build_engine, build_streaming_engine
+from guard.errors import EngineError
 from guard.hf_engine import TransformersEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image
 from guard.server_engine import ServerConfig, ServerEngine
-from guard.types import EngineError, GuardEngine, ModerationItem
+from guard.types import GuardEngine, ModerationItem
 from guard.vllm_engine import VllmConfig, VllmEngine
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize

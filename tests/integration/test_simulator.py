@@ -28,10 +28,11 @@ from bench.gpu_sim import (
 )
 from bench.sim_server import SimServerProcess
 from guard.engines import EngineOptions, build_streaming_engine
+from guard.errors import EngineDeadError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image, png_bytes
-from guard.types import EngineDeadError, ModerationItem, Verdict
+from guard.types import ModerationItem, Verdict
 from infra.stack import free_port
 from tests.conftest import BUCKET, Services
 from workers.demo.sample_feed import post

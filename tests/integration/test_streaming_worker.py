@@ -27,7 +27,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
-from guard.types import EngineDeadError, ModerationItem, Verdict
+from guard.errors import EngineDeadError
+from guard.types import ModerationItem, Verdict
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services

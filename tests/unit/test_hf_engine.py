@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.hf_engine import TransformersConfig, TransformersEngine, dtype_kwargs
 from guard.prompts import PromptSet
-from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
+from guard.types import ModerationItem, Verdict
 
 # Qwen-style split of the answer (":" before "unsafe", ":s" + "afe" for "safe")
 ANSWER = [

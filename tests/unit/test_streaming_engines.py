@@ -21,19 +21,13 @@ from structlog.testing import capture_logs
 
 from guard.chat import IMAGE_PLACEHOLDER, render_qwen2_5_vl
 from guard.engines import EngineKind, EngineOptions, build_streaming_engine
+from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import format_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image
 from guard.server_engine import AsyncServerEngine, ServerConfig
 from guard.streaming import MicroBatcher
-from guard.types import (
-    EngineDeadError,
-    EngineError,
-    EngineRequestError,
-    ModerationItem,
-    StreamingEngine,
-    Verdict,
-)
+from guard.types import ModerationItem, StreamingEngine, Verdict
 from guard.vllm_engine import AsyncVllmEngine, VllmConfig
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize

@@ -14,6 +14,7 @@ import sys
 import typer
 from confluent_kafka import KafkaException
 
+from schemas.errors import FatalError
 from schemas.extras import MissingExtra
 
 # every command module registers itself on `app` when imported
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Usage errors (a bad flag value, a missing option) are one line and exit 2; a refused request
     (``CliError``) is one line and exit 1, raised as ``SystemExit(message)``; a missing optional
-    dependency (``MissingExtra``, from any command) is one line naming the ``pip install`` and exit 2.
+    dependency (``MissingExtra``, from any command) is one line naming the ``pip install`` and exit 2; a
+    ``FatalError`` (a topic the broker refuses to create, a dependency past its deadline) is one line and
+    its own ``exit_code``.
     Every such line says ``error:`` so scripts and people can tell it from log output."""
     command = typer.main.get_command(app)
     try:
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:  # an optional dependency: the pip install to run, no traceback
         print(f"guardstream: error: {exc}", file=sys.stderr)
         return 2
+    except FatalError as exc:  # what to do next is in the message; the exit code says which kind
+        print(f"guardstream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except typer.Abort:
         return 130
     except KafkaException as exc:  # an unreachable or refusing broker: a fact about the deployment

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 
+from schemas.errors import EXIT_OUTAGE, FatalError, InfrastructureError
 from workers.cli.base import (
     BootstrapOpt,
     EngineOpt,
@@ -21,6 +22,19 @@ from workers.cli.base import (
     log,
 )
 from workers.settings import Settings
+
+
+class _Stats(Protocol):
+    consumed: int
+    verdicts: int
+    dead_letters: int
+    batches: int
+
+
+class _Runnable(Protocol):
+    """What ``run_worker`` needs of a worker (``KafkaWorker``; a fake in the tests)."""
+
+    def run(self, *, until_drained: bool = False) -> _Stats: ...
 
 
 @app.command()
@@ -48,8 +62,6 @@ def worker(
     ] = False,
 ) -> int:
     """Run the moderation worker (SIGTERM/Ctrl-C: finish the batch, commit, exit 0)."""
-    from workers.kafka.worker import PublishError, Unavailable
-    from workers.media import MediaUnavailable
     from workers.observability.metrics import start_metrics_server
     from workers.wiring import build_worker
 
@@ -76,12 +88,21 @@ def worker(
         start_metrics_server(s.metrics_port, s.metrics_host)
     w = build_worker(s)
     w.install_signal_handlers()
+    return run_worker(w, until_drained=until_drained)
+
+
+def run_worker(w: _Runnable, *, until_drained: bool = False) -> int:
+    """Run the worker to its end; the process's exit code. A ``FatalError`` is its own ``exit_code`` (3: a
+    dependency past its deadline, an unacknowledged publish; 2: a configuration problem), logged as
+    ``worker_failed``. An ``InfrastructureError`` is one the worker rides out itself; one that reaches
+    here is an outage it did not outlast: exit 3 as well. Either way nothing of the unfinished work was
+    committed: it is re-delivered when a worker runs again."""
     try:
         stats = w.run(until_drained=until_drained)
-    except (Unavailable, PublishError, MediaUnavailable) as exc:
-        # nothing of the unfinished batch was committed: it is re-delivered when a worker runs again
-        log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=3)
-        return 3
+    except (FatalError, InfrastructureError) as exc:
+        code = exc.exit_code if isinstance(exc, FatalError) else EXIT_OUTAGE
+        log.error("worker_failed", error=str(exc), error_class=type(exc).__name__, exit_code=code)
+        return code
     log.info(
         "worker_stopped",
         consumed=stats.consumed,
@@ -107,7 +128,7 @@ def _preflight_or_exit(s: Settings) -> None:
     import sys
 
     from guard.engines import EngineKind
-    from workers.preflight import run_checks
+    from workers.preflight import PreflightError, run_checks
 
     results = run_checks(s, probe_engine=s.engine is EngineKind.VLLM_SERVER)
     for r in results:
@@ -121,5 +142,5 @@ def _preflight_or_exit(s: Settings) -> None:
     if failures:
         for r in failures:
             print(r.line(), file=sys.stderr)
-        log.error("preflight_failed", failures=[r.name for r in failures], exit_code=2)
-        raise typer.Exit(2)
+        log.error("preflight_failed", failures=[r.name for r in failures], exit_code=PreflightError.exit_code)
+        raise typer.Exit(PreflightError.exit_code)

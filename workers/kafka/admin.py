@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from schemas.errors import EXIT_CONFIG, FatalError
 
-class TopicCreationError(RuntimeError):
-    """A topic could not be created (other than because it already exists)."""
+
+class TopicCreationError(FatalError):
+    """A topic could not be created (other than because it already exists): the broker refused it (ACLs,
+    a topic policy, a replication factor the cluster cannot meet) or did not finish within ``timeout_s``.
+    Found when a command starts, before anything is consumed; a refusal is not fixed by waiting: exit 2.
+    (A broker that cannot be reached at all fails earlier, in ``list_topics``: ``KafkaException``, exit 3.)"""
+
+    exit_code = EXIT_CONFIG
 
 
 def create_topics(

@@ -60,7 +60,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from guard.types import EngineDeadError, StreamingEngine, Verdict
+from guard.errors import EngineDeadError
+from guard.types import StreamingEngine, Verdict
+from schemas.errors import EXIT_OUTAGE, FatalError
 from schemas.events import ErrorCode
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import TP, Offsets
@@ -74,13 +76,17 @@ from workers.settings import DeliveryMode, Settings
 log = structlog.get_logger(__name__)
 
 
-class PublishError(RuntimeError):
-    """The broker did not acknowledge an output: nothing at or past that record is committed."""
+class PublishError(FatalError):
+    """The broker did not acknowledge an output: nothing at or past that record is committed (exit 3)."""
+
+    exit_code = EXIT_OUTAGE
 
 
-class Unavailable(RuntimeError):
+class Unavailable(FatalError):
     """A dependency stayed unavailable past its deadline: the worker exits (code 3). Nothing is lost:
     uncommitted posts are re-delivered to whoever consumes the partitions next."""
+
+    exit_code = EXIT_OUTAGE
 
 
 class BrokerUnavailable(Unavailable):

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from guard.types import EngineDeadError, ModerationItem, StreamingEngine, Verdict
+from guard.errors import EngineDeadError
+from guard.types import ModerationItem, StreamingEngine, Verdict
 from schemas.events import ErrorCode
 from workers.observability import metrics
 from workers.settings import ParseErrorPolicy, Settings

@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 
 import structlog
 
-from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
-from schemas.codec import DecodeError, decode_post
+from guard.errors import EngineError
+from guard.types import GuardEngine, ModerationItem, StreamingEngine, Verdict
+from schemas.codec import decode_post
+from schemas.errors import RecordError
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers.cache import ContentKeyer, VerdictCache
@@ -100,8 +102,8 @@ class Moderator:
         for p in prepared:
             try:
                 p.post = decode_post(p.record.value)
-            except DecodeError as exc:
-                p.error = (exc.code, "DecodeError", exc.message)
+            except RecordError as exc:
+                _reject(p, exc)
             except Exception as exc:
                 _internal(p, exc, "decode")
         return prepared
@@ -141,8 +143,9 @@ class Moderator:
                 p.unavailable = str(exc)[:500]
             return
         except Exception:
-            # one post's images broke the batch fetch in an unexpected way: fetch post by post so only
-            # that post is dead-lettered
+            # one post's images broke the batch fetch (a RecordError the fetcher raised instead of
+            # returning it, or something unexpected): fetch post by post so only that post is
+            # dead-lettered
             for p in with_images:
                 self._fetch_one(p)
             return
@@ -156,6 +159,9 @@ class Moderator:
         except MediaUnavailable as exc:
             p.unavailable = str(exc)[:500]
             return
+        except RecordError as exc:
+            _reject(p, exc)
+            return
         except Exception as exc:
             _internal(p, exc, "media fetch")
             return
@@ -163,7 +169,7 @@ class Moderator:
 
     def _attach(self, p: Prepared, res: list[FetchedImage] | MediaError) -> None:
         if isinstance(res, MediaError):
-            p.error = (res.code, "MediaError", res.message)
+            _reject(p, res)
             return
         assert p.post is not None
         try:
@@ -187,17 +193,20 @@ class Moderator:
         down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
         if down is not None:
             raise MediaUnavailable(down)
-        self.moderate(prepared)
+        self.call_engine(prepared)
         return self.finish(prepared)
 
     @staticmethod
     def _todo(prepared: Sequence[Prepared]) -> list[Prepared]:
         return [p for p in prepared if p.needs_engine]
 
-    def moderate(self, prepared: Sequence[Prepared]) -> None:
-        """The engine step: the model call on the cache misses, nothing else. The runner calls it on its
-        engine thread, where a GPU engine waits with the GIL released; all the Python work around it
-        (events, JSON, cache writes) stays on the main thread in ``finish`` so the two never contend."""
+    def call_engine(self, prepared: Sequence[Prepared]) -> None:
+        """The batch path's engine step (``infer``; the bench times it alone): ``GuardEngine.moderate`` on
+        the cache misses, with retries and bisection, nothing else. All the Python work around it (events,
+        JSON, cache writes) is in ``finish``, so a caller can run the model call on a thread of its own,
+        where a GPU engine waits with the GIL released, without the two contending. (The streaming
+        worker does not come here: it awaits ``StreamingEngine.judge`` per post in
+        ``workers.pipeline.engine_loop``.)"""
         todo = self._todo(prepared)
         if todo:
             self._run_engine(todo)
@@ -207,7 +216,7 @@ class Moderator:
                     self._run_engine([p])
 
     def finish(self, prepared: Sequence[Prepared]) -> list[Outcome]:
-        """After ``moderate``: cache the new verdicts and build the outcome (events to publish) per record."""
+        """After ``call_engine``: cache the new verdicts, build the outcome (events to publish) per record."""
         todo = self._todo(prepared)
         hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
         metrics.CACHE_HITS.inc(hits)
@@ -409,6 +418,12 @@ def _post_id_hint(raw: bytes | None) -> str | None:
     pid = obj.get("post_id") if isinstance(obj, dict) else None
     # a lone surrogate ("\ud800") would make the dead letter itself unserialisable: replace it
     return pid[:256].encode("utf-8", "replace").decode("utf-8") if isinstance(pid, str) else None
+
+
+def _reject(p: Prepared, exc: RecordError) -> None:
+    """A fact about this record (``DecodeError``, ``MediaError``, any ``RecordError``): its dead letter,
+    with the error's own code."""
+    p.error = (exc.code, type(exc).__name__, exc.message)
 
 
 def _internal(p: Prepared, exc: Exception, stage: str) -> None:
