@@ -8,10 +8,9 @@ from collections.abc import Callable, Sequence
 
 import redis
 import structlog
-from prometheus_client import Counter, Gauge
 
 from schemas.wire import CachedVerdict, decode_cached, encode
-from workers.observability import metrics
+from workers.observability.sensors import Sensor, default_sensor
 
 log = structlog.get_logger(__name__)
 KEY_PREFIX = "guardstream:verdict:v1:"
@@ -55,16 +54,6 @@ class ContentKeyer:
         return h.hexdigest()
 
 
-# Defined here, not in workers/observability/metrics.py, so the breaker is one self-contained piece
-# (same registry).
-CACHE_BREAKER_OPEN = Gauge(
-    "guardstream_cache_breaker_open", "1 while the Redis circuit breaker is open (cache skipped)"
-)
-CACHE_SKIPPED = Counter(
-    "guardstream_cache_skipped_total", "Cache calls skipped because the Redis circuit breaker was open"
-)
-
-
 class CircuitBreaker:
     """Closed → (a failure) → open for ``cooldown_s`` (every call skipped at no cost) → one trial call →
     closed on success, open again for twice as long (up to ``max_cooldown_s``) on failure.
@@ -74,8 +63,15 @@ class CircuitBreaker:
     throughput fell from ~200 to 8 posts/s in issue 13; with it, one slow call per cool-down."""
 
     def __init__(
-        self, cooldown_s: float, max_cooldown_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        cooldown_s: float,
+        max_cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        sensor: Sensor | None = None,
     ) -> None:
+        """``sensor`` is told when the breaker opens and closes, and about each skipped call."""
+        self._sensor = sensor if sensor is not None else default_sensor()
         self._base = cooldown_s
         self._max = max_cooldown_s
         self._cooldown = cooldown_s
@@ -91,13 +87,13 @@ class CircuitBreaker:
             return True
         if self._clock() >= self._open_until:
             return True  # half-open: this one call is the trial
-        CACHE_SKIPPED.inc()
+        self._sensor.on_cache_skipped()
         return False
 
     def success(self) -> None:
         if self._open_until is not None:
             log.info("redis_breaker_closed")
-            CACHE_BREAKER_OPEN.set(0)
+            self._sensor.on_cache_breaker(False)
         self._open_until = None
         self._cooldown = self._base
 
@@ -105,14 +101,15 @@ class CircuitBreaker:
         if self._open_until is not None:  # a failed trial: back off further
             self._cooldown = min(self._cooldown * 2, self._max)
         self._open_until = self._clock() + self._cooldown
-        CACHE_BREAKER_OPEN.set(1)
+        self._sensor.on_cache_breaker(True)
         log.warning("redis_breaker_open", cooldown_s=round(self._cooldown, 3))
 
 
 class VerdictCache:
     """``socket_timeout_s`` is short on purpose: a cache lookup is worth a few milliseconds, never a
     stalled batch. A failure opens the circuit breaker: the cache is skipped (misses, no writes) until a
-    trial call after the cool-down succeeds."""
+    trial call after the cool-down succeeds. ``sensor`` (default: the process-wide Prometheus sensor) is
+    told about Redis errors and the breaker; ``clock`` drives the breaker's cool-down."""
 
     def __init__(
         self,
@@ -123,7 +120,10 @@ class VerdictCache:
         socket_timeout_s: float = 0.25,
         cooldown_s: float = 5.0,
         max_cooldown_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sensor: Sensor | None = None,
     ) -> None:
+        self._sensor = sensor if sensor is not None else default_sensor()
         self._ttl = ttl_s
         self._enabled = enabled
         self._client = redis.Redis.from_url(
@@ -131,7 +131,7 @@ class VerdictCache:
         )
         self._set_many = self._client.register_script(_SET_MANY)
         self._healthy = True
-        self.breaker = CircuitBreaker(cooldown_s, max_cooldown_s)
+        self.breaker = CircuitBreaker(cooldown_s, max_cooldown_s, clock, sensor=self._sensor)
 
     def _mark(self, ok: bool, exc: Exception | None = None) -> None:
         if ok and not self._healthy:
@@ -141,7 +141,7 @@ class VerdictCache:
         if ok:
             self.breaker.success()
         else:
-            metrics.CACHE_ERRORS.inc()
+            self._sensor.on_cache_error()
             self.breaker.failure()
         self._healthy = ok
 

@@ -13,6 +13,7 @@ from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
 from workers.kafka.worker import KafkaWorker
 from workers.media import MediaFetcher, make_s3_client
+from workers.observability.sensors import Sensor, default_sensor
 from workers.pipeline.moderator import Moderator
 from workers.settings import Settings
 
@@ -31,12 +32,16 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
     )
 
 
-def build_moderator(settings: Settings, engine: GuardEngine | StreamingEngine | None = None) -> Moderator:
+def build_moderator(
+    settings: Settings, engine: GuardEngine | StreamingEngine | None = None, *, sensor: Sensor | None = None
+) -> Moderator:
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
-    worker's (it then only prepares records and builds events; the engine is awaited by the worker)."""
+    worker's (it then only prepares records and builds events; the engine is awaited by the worker).
+    ``sensor`` (default: the process-wide Prometheus sensor) observes the moderator and its cache."""
     engine = engine or build_engine(settings.engine, settings.engine_options())
-    cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
-    return Moderator(settings, engine, build_fetcher(settings), cache)
+    sensor = sensor if sensor is not None else default_sensor()
+    cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled, sensor=sensor)
+    return Moderator(settings, engine, build_fetcher(settings), cache, sensor=sensor)
 
 
 def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> StreamingEngine:
@@ -57,9 +62,16 @@ def build_streaming_engine(settings: Settings) -> StreamingEngine:
 
 
 def build_worker(
-    settings: Settings, engine: GuardEngine | StreamingEngine | None = None, **kw: Any
+    settings: Settings,
+    engine: GuardEngine | StreamingEngine | None = None,
+    *,
+    sensor: Sensor | None = None,
+    **kw: Any,
 ) -> KafkaWorker:
     """The streaming worker. ``engine``: a streaming engine, or a batch one (wrapped in a MicroBatcher);
-    default: the configured engine. ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
+    default: the configured engine. ``sensor``: one for the cache, the moderator, the engine loop and the
+    Kafka loop (default: the process-wide Prometheus sensor). ``kw`` goes to ``KafkaWorker``
+    (``on_event``)."""
     eng = streaming(settings, engine) if engine is not None else build_streaming_engine(settings)
-    return KafkaWorker(settings, build_moderator(settings, eng), eng, **kw)
+    sensor = sensor if sensor is not None else default_sensor()
+    return KafkaWorker(settings, build_moderator(settings, eng, sensor=sensor), eng, sensor=sensor, **kw)

@@ -23,8 +23,9 @@ from infra.stack import RedisServer, S3Server, free_port
 from schemas.events import ErrorCode, ImageRef
 from schemas.wire import CachedVerdict
 from tests.conftest import BUCKET, Services
-from workers.cache import CACHE_SKIPPED, CircuitBreaker, VerdictCache
+from workers.cache import CircuitBreaker, VerdictCache
 from workers.media import MediaError, MediaFetcher, MediaUnavailable, classify_client_error, make_s3_client
+from workers.observability.sensors import RecordingSensor
 
 CAP = 40_000_000
 
@@ -166,7 +167,8 @@ def test_throttling_is_retried_with_backoff_then_an_outage(slow_down_endpoint: s
 
 def test_breaker_unit() -> None:
     now = [0.0]
-    b = CircuitBreaker(1.0, 4.0, clock=lambda: now[0])
+    sensor = RecordingSensor()
+    b = CircuitBreaker(1.0, 4.0, clock=lambda: now[0], sensor=sensor)
     assert b.allow()
     b.failure()
     assert b.is_open and not b.allow()
@@ -179,6 +181,7 @@ def test_breaker_unit() -> None:
     assert b.allow()
     b.success()
     assert not b.is_open and b.allow()
+    assert sensor.cache_breaker == [True, True, False] and sensor.cache_skipped == 2
 
 
 @pytest.mark.integration
@@ -186,15 +189,16 @@ def test_hung_redis_trips_the_breaker() -> None:
     server = RedisServer().start()
     assert server.proc is not None
     now = [0.0]
-    cache = VerdictCache(server.url, 60, socket_timeout_s=0.2, cooldown_s=5.0)
-    cache.breaker = CircuitBreaker(5.0, 60.0, clock=lambda: now[0])
+    sensor = RecordingSensor()
+    cache = VerdictCache(
+        server.url, 60, socket_timeout_s=0.2, cooldown_s=5.0, clock=lambda: now[0], sensor=sensor
+    )
     verdict = CachedVerdict(safe=True)
     keys = [f"k{i}" for i in range(8)]
     try:
         cache.put_many([(k, verdict) for k in keys])
         assert all(v is not None for v in cache.get_many(keys))
         os.kill(server.proc.pid, signal.SIGSTOP)  # our own redis-server: hung, connections stay open
-        skipped = CACHE_SKIPPED._value.get()
         t0 = time.monotonic()
         for _ in range(50):  # 50 batches: lookup + write each
             assert cache.get_many(keys) == [None] * len(keys)
@@ -202,7 +206,8 @@ def test_hung_redis_trips_the_breaker() -> None:
         elapsed = time.monotonic() - t0
         # one socket timeout, then the breaker skips Redis: not 100 × 0.2 s
         assert elapsed < 1.5, elapsed
-        assert cache.breaker.is_open and CACHE_SKIPPED._value.get() - skipped == 99
+        assert cache.breaker.is_open and sensor.cache_skipped == 99
+        assert sensor.cache_errors == 1 and sensor.cache_breaker == [True]
         os.kill(server.proc.pid, signal.SIGCONT)
         now[0] += 5.0  # the cool-down is over: the next call is the trial
         hits = cache.get_many(keys)
@@ -210,6 +215,7 @@ def test_hung_redis_trips_the_breaker() -> None:
             now[0] += 60.0
             hits = cache.get_many(keys)
         assert all(h is not None for h in hits) and not cache.breaker.is_open
+        assert sensor.cache_breaker[-1] is False
         print(f"\n100 cache calls against a SIGSTOPped Redis took {elapsed:.2f} s (breaker open)")
     finally:
         if server.proc is not None and server.proc.poll() is None:

@@ -16,8 +16,10 @@ from guard.cpu import CpuEngine
 from infra.stack import free_port
 from tests.conftest import Services
 from workers.demo.sample_feed import post
+from workers.kafka.lag import LagReporter
 from workers.kafka.topics import produce_all
 from workers.observability.metrics import HEALTH, start_metrics_server
+from workers.observability.sensors import PrometheusSensor, RecordingSensor
 from workers.settings import Settings
 from workers.wiring import build_worker
 
@@ -90,10 +92,9 @@ def test_k8s_manifests() -> None:
 @pytest.mark.integration
 def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_engine: CpuEngine) -> None:
     """A worker holding no partitions answers 503 "idle" on /readyz (it is no serving capacity), and
-    logs and exports it when the group has lag while it holds nothing."""
+    logs and reports it when the group has lag while it holds nothing -- once the group had its chance
+    (a session timeout) to assign it partitions."""
     from structlog.testing import capture_logs
-
-    from workers.observability import metrics
 
     port = free_port()
     server = start_metrics_server(port, host="127.0.0.1")
@@ -101,13 +102,29 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
     # not subscribed: no partitions (session_timeout 1 s: past it, an idle member is worth reporting)
     worker = build_worker(settings.model_copy(update={"session_timeout_ms": 1000}), cpu_engine)
     try:
-        worker._update_ready()
+        assert worker.readiness() == (False, "idle: no partitions assigned")
+        assert isinstance(worker.sensor, PrometheusSensor)  # what /readyz serves
+        worker.sensor.on_ready(*worker.readiness())
         r = httpx.get(f"http://127.0.0.1:{port}/readyz")
         assert r.status_code == 503 and "idle: no partitions assigned" in r.text
-        worker._started -= 2.0  # the group had its chance to assign us partitions
+        assert worker.lag.idle_after_s == 1.0
+
+        now = [0.0]
+        sensor = RecordingSensor()
+        lag = LagReporter(
+            worker.consumer,
+            topic=settings.posts_topic,
+            group_id=settings.group_id,
+            idle_after_s=worker.lag.idle_after_s,
+            sensor=sensor,
+            clock=lambda: now[0],
+        )
+        lag.update()
+        assert sensor.idle_with_lag == []  # the group has not had its chance yet
+        now[0] = 2.0
         with capture_logs() as logs:
-            worker._update_lag()
-        assert metrics.IDLE_WITH_LAG._value.get() == 1
+            lag.update()
+        assert sensor.idle_with_lag == [True] and sensor.lag == []
         assert any(e["event"] == "member_idle_with_lag" and e["lag"] >= 1 for e in logs)
     finally:
         worker.close()
@@ -120,24 +137,25 @@ def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
 ) -> None:
     """Right after an assignment the position is unknown; the lag then comes from the committed offset
     (it used to count the whole partition as lag)."""
-    from workers.observability import metrics
-
     produce_all(
         settings.bootstrap_servers,
         settings.posts_topic,
         [(f"k{i}", post(f"lag-{i}", "a", "x")) for i in range(9)],
     )
     build_worker(settings, cpu_engine).run(until_drained=True)  # everything consumed and committed
-    lags: list[float] = []
+    sensor = RecordingSensor()
+    reported: list[tuple[str, int, int]] = []
     worker: list[Any] = []
 
     def on_event(name: str, details: dict[str, Any]) -> None:
-        if name == "assigned" and not lags:  # nothing fetched yet: every position is unknown
-            worker[0]._update_lag([TopicPartition(t, p) for t, p in details["partitions"]])
-            lags.extend(
-                metrics.CONSUMER_LAG.labels(settings.posts_topic, str(p))._value.get() for p in range(3)
-            )
+        if name == "assigned" and not reported:  # nothing fetched yet: every position is unknown
+            seen = len(sensor.lag)
+            worker[0].lag.update([TopicPartition(t, p) for t, p in details["partitions"]])
+            reported.extend(sensor.lag[seen:])
 
-    worker.append(build_worker(settings, cpu_engine, on_event=on_event))
+    worker.append(build_worker(settings, cpu_engine, on_event=on_event, sensor=sensor))
     worker[0].run(until_drained=True)
-    assert lags == [0.0, 0.0, 0.0]
+    assert sorted(reported) == [(settings.posts_topic, p, 0) for p in range(3)]
+    # the sensor was the worker's for the whole run: readiness went through it, not the global state
+    assert (True, "ready") in sensor.ready and sensor.ready[-1] == (False, "stopped")
+    assert sensor.beats > 0 and sensor.consumed == 0  # nothing left to read

@@ -21,6 +21,10 @@ secrets and observability know nothing above them; media and the cache sit on th
 applications (wiring, audit, alerts, console, reviews, redrive, tail, produce, preflight, demo) on
 ``kafka``; ``cli`` on everything. A module imports only from its own layer or below.
 
+The core -- ``workers/pipeline/``, ``workers/kafka/`` and ``workers/cache.py`` -- reports what it observes
+to an injected ``workers.observability.sensors.Sensor``: it imports neither ``workers.observability.metrics``
+(the Prometheus objects and the health state) nor ``prometheus_client`` (``CORE_UNOBSERVED``).
+
 Relative imports are not used in this code base; a relative import is reported too so that it cannot hide a
 dependency from this test.
 """
@@ -42,6 +46,9 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 INFRA_ALLOWED = ("infra/", "workers/cli/", "workers/demo", "bench/", "tests/")
 # the composition root may reach up into `training`
 TRAINING_ALLOWED_IN_WORKERS = ("workers/cli/",)
+# the core reports to an injected sensor: it never calls the Prometheus objects itself
+CORE = ("workers/pipeline/", "workers/kafka/", "workers/cache.py")
+CORE_UNOBSERVED = ("workers.observability.metrics", "prometheus_client")
 
 
 # workers' parts, lowest first; a module may import from its own layer and the ones before it
@@ -75,7 +82,9 @@ def workers_layer(module: str) -> int | None:
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, dotted module) for every import statement in ``path``; relative imports as ``.name``."""
+    """(line, dotted module) for every import statement in ``path``; relative imports as ``.name``.
+    ``from a.b import c`` yields ``a.b`` and ``a.b.c`` (``c`` may be a module: ``from
+    workers.observability import metrics``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -86,6 +95,7 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 found.append((node.lineno, "." * node.level + (node.module or "")))
             elif node.module:
                 found.append((node.lineno, node.module))
+                found.extend((node.lineno, f"{node.module}.{a.name}") for a in node.names if a.name != "*")
     return found
 
 
@@ -107,6 +117,8 @@ def problem(rel: str, module: str) -> str | None:
             return f"{owner} must not depend on {top}"
     elif top == "infra" and not rel.startswith(INFRA_ALLOWED):
         return "only the CLI, the demo, bench and tests may use the local stack"
+    if rel.startswith(CORE) and any(module == m or module.startswith(m + ".") for m in CORE_UNOBSERVED):
+        return "the core reports to an injected Sensor (workers.observability.sensors), not to metrics"
     if owner == "workers" and top == "workers":
         mine = workers_layer(rel.removesuffix(".py").replace("/", "."))
         theirs = workers_layer(module)
@@ -158,6 +170,24 @@ def test_a_lower_part_of_workers_importing_a_higher_one_is_reported() -> None:
     assert problem("workers/kafka/worker.py", "workers.pipeline.moderator") is None
     assert problem("workers/console/app.py", "workers.wiring") is None
     assert problem("workers/cli/worker.py", "workers.kafka.worker") is None
+
+
+def test_the_core_does_not_import_the_metrics(tmp_path: Path) -> None:
+    for rel in ("workers/pipeline/moderator.py", "workers/kafka/worker.py", "workers/cache.py"):
+        assert problem(rel, "workers.observability.metrics"), rel
+        assert problem(rel, "prometheus_client"), rel
+        assert problem(rel, "prometheus_client.core"), rel
+        assert problem(rel, "workers.observability.sensors") is None, rel
+    assert problem("workers/kafka/lag.py", "workers.observability.metrics")
+    # the composition root, the observability layer itself and the CLI may
+    assert problem("workers/wiring.py", "workers.observability.metrics") is None
+    assert problem("workers/observability/sensors.py", "workers.observability.metrics") is None
+    assert problem("workers/cli/worker.py", "workers.observability.metrics") is None
+    assert problem("workers/cachetools.py", "prometheus_client") is None  # not workers/cache.py
+    # `from workers.observability import metrics` is seen as an import of the metrics module
+    src = tmp_path / "m.py"
+    src.write_text("from workers.observability import metrics\n")
+    assert (1, "workers.observability.metrics") in imported_modules(src)
 
 
 def test_dependencies_flow_one_way() -> None:

@@ -65,9 +65,10 @@ from guard.types import StreamingEngine, Verdict
 from schemas.errors import EXIT_OUTAGE, FatalError
 from schemas.events import ErrorCode
 from workers.kafka.config import consumer_config, producer_config
+from workers.kafka.lag import LagReporter
 from workers.kafka.offsets import TP, Offsets
 from workers.media import ImageBudget, ImageLease
-from workers.observability import metrics
+from workers.observability.sensors import Sensor
 from workers.pipeline.engine_loop import EngineLoop, Failure
 from workers.pipeline.moderator import Moderator, Prepared, shrink_output
 from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
@@ -193,13 +194,17 @@ class KafkaWorker:
         engine: StreamingEngine,
         *,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        sensor: Sensor | None = None,
     ) -> None:
         """``on_event(name, details)`` is told about "assigned", "paused", "revoking", "revoked" and
-        "broker_down" (a seam for tests and embedding; called on the main thread)."""
+        "broker_down" (a seam for tests and embedding; called on the main thread). ``sensor`` gets the
+        loop's events (liveness, readiness, window, commits, broker, lag) and the engine thread's; default:
+        the moderator's (itself the process-wide Prometheus sensor unless it was given one)."""
         self.s = settings
         self.moderator = moderator
         self.engine = engine
         self._on_event = on_event
+        self.sensor = sensor if sensor is not None else moderator.sensor
         self.max_in_flight = settings.max_in_flight or max(1, engine.max_in_flight)
         self._broker_down_since: float | None = None
         self._next_probe = 0.0
@@ -217,7 +222,7 @@ class KafkaWorker:
         # exactly-once: outputs of the current interval, produced only inside the short transaction at
         # its end (a transaction open for the whole interval would be what a kill -9 nearly always hits)
         self._txn_buffer: list[tuple[Job, Output]] = []
-        self._engine = EngineLoop(engine, settings)
+        self._engine = EngineLoop(engine, settings, sensor=self.sensor)
         self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._in_engine: set[Job] = set()
         self._engine_held: list[Job] = []  # refused by a dead engine: re-submitted after backoff
@@ -237,7 +242,14 @@ class KafkaWorker:
         self._draining = False  # exactly-once: stop admitting until the transaction is committed
         self._closing = False
         self._last_commit = time.monotonic()
-        self._started = time.monotonic()
+        self.lag = LagReporter(
+            self.consumer,
+            topic=settings.posts_topic,
+            group_id=settings.group_id,
+            # not idle before the group had a chance to assign us something (a session timeout)
+            idle_after_s=settings.session_timeout_ms / 1000.0,
+            sensor=self.sensor,
+        )
         # end offset of each partition as last reported by an end-of-partition event (librdkafka reports
         # an end offset once: it is kept across rebalances, and dropped when records arrive past it)
         self._eof: dict[tuple[str, int], int] = {}
@@ -294,7 +306,7 @@ class KafkaWorker:
             self.consumer.list_topics(self.s.posts_topic, timeout=1.0)
         except KafkaException as exc:
             down_for = time.monotonic() - since
-            metrics.BROKER_DOWN_SECONDS.set(down_for)
+            self.sensor.on_broker_down(down_for)
             if down_for > self.s.broker_deadline_s:
                 log.error(
                     "broker_unavailable_giving_up",
@@ -309,18 +321,21 @@ class KafkaWorker:
                 ) from None
             return
         log.info("broker_reachable_again", down_for_s=round(time.monotonic() - since, 1))
-        metrics.BROKER_DOWN_SECONDS.set(0)
+        self.sensor.on_broker_down(0)
         self._broker_down_since = None
 
-    def _update_ready(self) -> None:
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: partitions assigned and engine and S3 available; else False and why (``/readyz``)."""
         if self._engine_outage.since is not None:
-            metrics.HEALTH.set_ready(False, "engine unavailable")
-        elif self._media_outage.since is not None:
-            metrics.HEALTH.set_ready(False, "media (S3) unavailable")
-        elif not self.offsets.parts:
-            metrics.HEALTH.set_ready(False, "idle: no partitions assigned")
-        else:
-            metrics.HEALTH.set_ready(True, "ready")
+            return False, "engine unavailable"
+        if self._media_outage.since is not None:
+            return False, "media (S3) unavailable"
+        if not self.offsets.parts:
+            return False, "idle: no partitions assigned"
+        return True, "ready"
+
+    def _update_ready(self) -> None:
+        self.sensor.on_ready(*self.readiness())
 
     # ------------------------------------------------------------ rebalance
     def _on_assign(self, c: Consumer, parts: list[TopicPartition]) -> None:
@@ -403,19 +418,19 @@ class KafkaWorker:
         """Run until ``stop()`` (SIGTERM), or until every assigned partition is consumed to its end.
         ``on_batch`` is called after each commit with the outcomes published since the previous one."""
         self.consumer.subscribe([self.s.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        self._started = time.monotonic()
+        self.lag.restart()
         self._on_batch = on_batch
         last_progress = time.monotonic()
         last_lag = 0.0
-        metrics.MAX_IN_FLIGHT.set(self.max_in_flight)
+        self.sensor.on_max_in_flight(self.max_in_flight)
         log.info("worker_started", engine=self.engine.name, max_in_flight=self.max_in_flight)
         try:
             while not self._stop.is_set():
-                metrics.HEALTH.beat()
+                self.sensor.on_beat()
                 self._check_broker()
                 now = time.monotonic()
                 if now - last_lag > self.s.lag_interval_s:
-                    self._update_lag()
+                    self.lag.update()
                     last_lag = now
                 if self._step():
                     last_progress = time.monotonic()
@@ -433,7 +448,7 @@ class KafkaWorker:
                     break
             self._shutdown()
         finally:
-            metrics.HEALTH.set_ready(False, "stopped")
+            self.sensor.on_ready(False, "stopped")
             self.close()
         return self.stats
 
@@ -483,7 +498,7 @@ class KafkaWorker:
             if self._paused:
                 self.consumer.resume(self.consumer.assignment())
                 self._paused = False
-                metrics.PAUSED_PARTITIONS.set(0)
+                self.sensor.on_paused(0)
             return
         if self._full_since is None:
             self._full_since = now
@@ -491,7 +506,7 @@ class KafkaWorker:
             parts = self.consumer.assignment()
             self.consumer.pause(parts)
             self._paused = True
-            metrics.PAUSED_PARTITIONS.set(len(parts))
+            self.sensor.on_paused(len(parts))
             log.info("window_full_partitions_paused", partitions=len(parts), in_engine=len(self._in_engine))
             self._event("paused", in_engine=len(self._in_engine))
 
@@ -587,7 +602,7 @@ class KafkaWorker:
         self._route([(e, p) for e, p in held if self.offsets.current(_tp(p.record), e)])
 
     def _set_in_flight_metric(self) -> None:
-        metrics.IN_FLIGHT.set(
+        self.sensor.on_in_flight(
             len(self._in_engine) + len(self._engine_held) + len(self._media_held) + len(self._budget_held)
         )
 
@@ -732,7 +747,7 @@ class KafkaWorker:
         smaller = shrink_output(out, job.outcome)
         if smaller is None or len(smaller.value) >= len(out.value):
             raise PublishError(f"{out.topic}: {err.str()} and nothing left to trim ({len(out.value)} bytes)")
-        metrics.OUTPUTS_TRIMMED.inc()
+        self.sensor.on_output_trimmed()
         log.warning(
             "output_too_large_trimmed",
             topic=out.topic,
@@ -814,7 +829,7 @@ class KafkaWorker:
                         # Published but not committed: whoever owns the partitions after the rebalance
                         # (maybe us again) re-reads from the last commit. A re-publish, never a loss.
                         log.warning("commit_lost_to_rebalance", error=err.str(), partitions=len(offsets))
-                        metrics.COMMITS_LOST.inc()
+                        self.sensor.on_commit_lost()
                         return
                     if not isinstance(err, KafkaError) or err.code() not in _COORDINATOR_AWAY:
                         raise
@@ -824,7 +839,7 @@ class KafkaWorker:
                     self._stop.wait(0.5)  # backoff, not synchronization
             self.offsets.mark_committed(pending)
             self.stats.commits += 1
-            metrics.COMMITS.inc()
+            self.sensor.on_commit()
             self._after_commit()
 
     def _after_commit(self) -> None:
@@ -860,7 +875,7 @@ class KafkaWorker:
         self._raise_delivery_failures()
         self.offsets.mark_committed(pending)
         self.stats.commits += 1
-        metrics.COMMITS.inc()
+        self.sensor.on_commit()
         self._last_commit = time.monotonic()
         self._after_commit()
 
@@ -897,7 +912,7 @@ class KafkaWorker:
             self._flush_acks()
             self._commit()
 
-    # ------------------------------------------------------------ records, lag, end
+    # ------------------------------------------------------------ records, end
     def _to_record(self, m: Message) -> Record | None:
         err = m.error()
         if err is not None:
@@ -914,45 +929,6 @@ class KafkaWorker:
         if offset >= self._eof.get((topic, partition), offset + 1):
             del self._eof[(topic, partition)]
         return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
-
-    def _update_lag(self, parts: list[TopicPartition] | None = None) -> None:
-        """Consumer lag per owned partition (end offset minus position; the committed offset where the
-        position is unknown) for autoscaling; and a member that owns nothing while the topic has lag."""
-        try:
-            assignment = self.consumer.assignment() if parts is None else parts
-            if not assignment:
-                # not before the group had a chance to assign us something (a session timeout)
-                if time.monotonic() - self._started > self.s.session_timeout_ms / 1000.0:
-                    self._idle_member_lag()
-                return
-            metrics.IDLE_WITH_LAG.set(0)
-            positions = self.consumer.position(assignment)
-            unknown = [tp for tp in positions if tp.offset < 0]
-            committed = {
-                (tp.topic, tp.partition): tp.offset
-                for tp in (self.consumer.committed(unknown, timeout=2) if unknown else [])
-            }
-            for tp in positions:
-                _lo, hi = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-                pos = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(hi - max(pos, 0), 0))
-        except KafkaException as exc:
-            log.debug("lag_update_failed", error=str(exc))
-
-    def _idle_member_lag(self) -> None:
-        """No partitions: is the group behind anyway (e.g. a wedged group that never assigned us)?"""
-        topic = self.s.posts_topic
-        meta = self.consumer.list_topics(topic, timeout=2).topics.get(topic)
-        if meta is None or not meta.partitions:
-            return
-        tps = [TopicPartition(topic, p) for p in meta.partitions]
-        lag = 0
-        for tp in self.consumer.committed(tps, timeout=2):
-            _lo, hi = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-            lag += max(hi - max(tp.offset, 0), 0)
-        metrics.IDLE_WITH_LAG.set(1 if lag > 0 else 0)
-        if lag > 0:
-            log.warning("member_idle_with_lag", topic=topic, group=self.s.group_id, lag=lag)
 
     def _at_end(self) -> bool:
         """True when the group owns partitions and each one is consumed *and committed* up to the end

@@ -1,6 +1,10 @@
 """Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz`` (liveness: the main
 loop turned recently), ``/readyz`` (readiness: partitions assigned and engine and S3 available; a member
-with zero partitions answers 503 "idle: no partitions assigned")."""
+with zero partitions answers 503 "idle: no partitions assigned").
+
+The core (``workers.pipeline``, ``workers.cache``, ``workers.kafka``) never touches these objects: it reports
+events to an injected ``workers.observability.sensors.Sensor``, and ``PrometheusSensor`` (the default)
+turns them into updates of the metrics below (``tests/unit/test_layering.py`` keeps it that way)."""
 
 from __future__ import annotations
 
@@ -49,6 +53,12 @@ OUTPUTS_TRIMMED = Counter(
 )
 IDLE_WITH_LAG = Gauge(
     "guardstream_idle_member_with_lag", "1 while this member holds no partitions and the group has lag"
+)
+CACHE_BREAKER_OPEN = Gauge(
+    "guardstream_cache_breaker_open", "1 while the Redis circuit breaker is open (cache skipped)"
+)
+CACHE_SKIPPED = Counter(
+    "guardstream_cache_skipped_total", "Cache calls skipped because the Redis circuit breaker was open"
 )
 
 

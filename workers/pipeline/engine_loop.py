@@ -23,7 +23,7 @@ import structlog
 from guard.errors import EngineDeadError
 from guard.types import ModerationItem, StreamingEngine, Verdict
 from schemas.events import ErrorCode
-from workers.observability import metrics
+from workers.observability.sensors import Sensor, default_sensor
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)
@@ -33,9 +33,11 @@ Failure = tuple[ErrorCode, str, str]  # code, error class, message: the post's d
 
 
 class EngineLoop:
-    def __init__(self, engine: StreamingEngine, settings: Settings) -> None:
+    def __init__(self, engine: StreamingEngine, settings: Settings, *, sensor: Sensor | None = None) -> None:
+        """``sensor`` is told about each request's latency, failures and timeouts (on this thread)."""
         self.engine = engine
         self.s = settings
+        self.sensor = sensor if sensor is not None else default_sensor()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -58,7 +60,7 @@ class EngineLoop:
                 v = await asyncio.wait_for(self.engine.judge(item), s.engine_timeout_s)
             except TimeoutError:
                 timeouts += 1
-                metrics.ENGINE_TIMEOUTS.inc()
+                self.sensor.on_engine_timeout()
                 log.warning("engine_request_timed_out", post_id=item.post_id, attempt=timeouts)
                 if timeouts > 1:
                     return (
@@ -73,14 +75,14 @@ class EngineLoop:
                 raise
             except Exception as exc:
                 failures += 1
-                metrics.ENGINE_FAILURES.inc()
+                self.sensor.on_engine_failure()
                 log.warning(
                     "engine_request_failed", post_id=item.post_id, attempt=failures, error=repr(exc)[:300]
                 )
                 if failures > s.engine_retries:
                     return (ErrorCode.ENGINE_FAILED, type(exc).__name__, repr(exc)[:1000])
                 continue
-            metrics.ENGINE_LATENCY.observe(time.perf_counter() - t0)
+            self.sensor.on_engine_request(time.perf_counter() - t0)
             if v.parse_error and s.on_parse_error is ParseErrorPolicy.RETRY and not reparsed:
                 reparsed = True  # once more, alone
                 continue

@@ -24,7 +24,7 @@ from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
 from workers.cache import ContentKeyer, VerdictCache
 from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
-from workers.observability import metrics
+from workers.observability.sensors import Sensor, default_sensor
 from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
 from workers.settings import ParseErrorPolicy, Settings
 
@@ -69,7 +69,10 @@ class Moderator:
         engine: GuardEngine | StreamingEngine,
         fetcher: MediaFetcher | None,
         cache: VerdictCache | None,
+        *,
+        sensor: Sensor | None = None,
     ) -> None:
+        """``sensor``: where the batch's events go (default: the process-wide Prometheus sensor)."""
         self.settings = settings
         self.engine = engine
         self.fetcher = fetcher
@@ -78,10 +81,8 @@ class Moderator:
             engine=engine.name, model_version=engine.model_version, policy=engine.policy_version
         )
         self._taxonomy = getattr(engine, "taxonomy", None)
-        self._moderated = {
-            safe: metrics.MODERATED.labels(engine.name, label)
-            for safe, label in ((True, "safe"), (False, "unsafe"), (None, "abstain"))
-        }
+        self.sensor = sensor if sensor is not None else default_sensor()
+        self.sensor.on_engine(engine.name)
 
     # ---------------------------------------------------------------- prepare
     def prepare(self, records: Sequence[Record]) -> list[Prepared]:
@@ -98,7 +99,7 @@ class Moderator:
         """Decode and validate each record's event (``post`` or ``error`` set); fetches nothing."""
         now = time.monotonic()
         prepared = [Prepared(record=r, started=now) for r in records]
-        metrics.CONSUMED.inc(len(records))
+        self.sensor.on_consumed(len(records))
         for p in prepared:
             try:
                 p.post = decode_post(p.record.value)
@@ -219,8 +220,7 @@ class Moderator:
         """After ``call_engine``: cache the new verdicts, build the outcome (events to publish) per record."""
         todo = self._todo(prepared)
         hits = sum(1 for p in prepared if p.cached is not None and p.error is None)
-        metrics.CACHE_HITS.inc(hits)
-        metrics.CACHE_MISSES.inc(len(todo))
+        self.sensor.on_cache(hits, len(todo))
         if todo:
             to_cache: list[tuple[str, CachedVerdict]] = []
             for p in todo:
@@ -245,8 +245,9 @@ class Moderator:
         return outcomes
 
     def _count(self, outcomes: list[Outcome], decided_at: datetime) -> None:
-        """Per-batch metric updates (one locked increment per label, not one per post)."""
+        """One sensor event per batch (the sensor makes one locked increment per label, not one per post)."""
         by_label: dict[bool | None, int] = {}
+        by_code: dict[ErrorCode, int] = {}
         novel = 0
         ages: list[float] = []
         for o in outcomes:
@@ -258,11 +259,10 @@ class Moderator:
                 if created.tzinfo is None:
                     created = created.replace(tzinfo=UTC)
                 ages.append(max(0.0, (decided_at - created).total_seconds()))
-        metrics.observe_many(metrics.E2E_LATENCY, ages)
-        for label, k in by_label.items():
-            self._moderated[label].inc(k)
-        if novel:
-            metrics.NOVEL_RISKS.inc(novel)
+            elif o.dead_letter is not None:
+                code = o.dead_letter.error_code
+                by_code[code] = by_code.get(code, 0) + 1
+        self.sensor.on_outcomes(self.engine.name, by_label, by_code, novel, ages)
 
     def _run_engine(self, items: list[Prepared]) -> None:
         """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts. (The batch
@@ -282,12 +282,11 @@ class Moderator:
                 if len(verdicts) != len(batch):
                     raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
             except Exception as exc:
-                metrics.ENGINE_FAILURES.inc()
+                self.sensor.on_engine_failure()
                 last = exc
                 log.warning("engine_batch_failed", size=len(batch), attempt=attempt, error=repr(exc)[:300])
                 continue
-            metrics.ENGINE_LATENCY.observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.observe(len(batch))
+            self.sensor.on_engine_batch(len(batch), time.perf_counter() - t0)
             for p, v in zip(items, verdicts, strict=True):
                 p.verdict = v
             return
@@ -362,7 +361,6 @@ class Moderator:
             original_value_sha256=hashlib.sha256(raw).hexdigest(),
             original_value_truncated=len(raw) > self.settings.dlq_max_original_bytes,
         )
-        metrics.DEAD_LETTERS.labels(code.value).inc()
         log.info(
             "post_dead_lettered",
             post_id=dl.post_id,
