@@ -12,7 +12,8 @@ from typing import cast
 import pytest
 from prometheus_client import REGISTRY
 
-from guard.types import EngineRequestError, ModerationItem, Verdict
+from guard.errors import EngineRequestError
+from guard.types import ModerationItem, Verdict
 from schemas.events import ErrorCode
 from schemas.wire import CachedVerdict
 from workers.cache import VerdictCache
