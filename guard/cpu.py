@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.cpu_head import HEAD_PATH, CpuHead, windows
-from guard.cpu_novel import salient_phrase
+from guard.cpu_novel import salient_phrases
 from guard.embeddings import Embedder, shared_embedder
 from guard.prompts import PromptSet
 from guard.types import ModerationItem, Verdict
@@ -34,9 +34,9 @@ NOVEL_MIN_P_UNSAFE = 0.5
 
 @dataclass(frozen=True)
 class CpuEngineConfig:
-    # Calibrated p_unsafe at or above this is unsafe. 0.5 is the operating point: on the calib split
-    # (half unsafe) a post is flagged when it is more likely unsafe than not.
-    threshold: float = 0.5
+    # Calibrated p_unsafe at or above this is unsafe. None: the head's shipped operating point, chosen on
+    # the calib split for a benign false-positive rate of at most 5% (training.cpu_head).
+    threshold: float | None = None
     # Unsafe but no subcategory above this probability: a novel risk. None: the head's shipped value.
     novel_confidence: float | None = None
 
@@ -67,10 +67,9 @@ class CpuEngine:
             if self.config.novel_confidence is not None
             else self.head.novel_confidence
         )
+        self.threshold = self.config.threshold if self.config.threshold is not None else self.head.threshold
         # Everything that changes a decision is in the version (and so in the cache key).
-        self.model_version = (
-            f"{self._emb.version};{self.head.version};t={self.config.threshold};n={self._novel}"
-        )
+        self.model_version = f"{self._emb.version};{self.head.version};t={self.threshold};n={self._novel}"
 
     def moderate(self, batch: list[ModerationItem]) -> list[Verdict]:
         idx = [i for i, it in enumerate(batch) if it.text and it.text.strip()]
@@ -92,6 +91,7 @@ class CpuEngine:
         x = self._emb.encode(texts, batch_size=32)
         h = self.head(x)
         owners = np.array(owner)
+        novel: list[tuple[int, int, float, float, str | None]] = []  # post, window, p, conf, note
         for i in idx:
             rows = np.flatnonzero(owners == i)
             r = int(rows[int(h.p_unsafe[rows].argmax())])  # the most unsafe window decides
@@ -104,20 +104,14 @@ class CpuEngine:
                 if item.modality is Modality.TEXT_IMAGE
                 else None
             )
-            if p < self.config.threshold:
+            if p < self.threshold:
                 out[i] = Verdict(safe=True, p_unsafe=p, category_similarity=conf, abstained_reason=note)
                 continue
             # Novel only when the head itself says unsafe (p >= 0.5), whatever the operator's threshold: a
             # lax threshold flags posts the head thinks are probably safe, and those must not flood the
             # emerging-risk stream with novel risks; they get the head's best-guess subcategory instead.
             if conf < self._novel and p >= NOVEL_MIN_P_UNSAFE:
-                out[i] = Verdict(
-                    safe=False,
-                    novel_risk=salient_phrase(texts[r], x[r], self._emb),
-                    p_unsafe=p,
-                    category_similarity=conf,
-                    abstained_reason=note,
-                )
+                novel.append((i, r, p, conf, note))
                 continue
             sub = self.head.subcategories[j]
             resolved = self.taxonomy.resolve(sub)
@@ -129,6 +123,13 @@ class CpuEngine:
                 category_similarity=conf,
                 abstained_reason=note,
             )
+        if novel:  # one encoder call for every novel post's candidate phrases
+            win = [r for _, r, *_ in novel]
+            phrases = salient_phrases([texts[r] for r in win], x[win], self._emb)
+            for (i, _, p, conf, note), phrase in zip(novel, phrases, strict=True):
+                out[i] = Verdict(
+                    safe=False, novel_risk=phrase, p_unsafe=p, category_similarity=conf, abstained_reason=note
+                )
         return out
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The CPU head's training set, written by the project: templates x slot fillers, expanded deterministically.
 
 ``guard/data/cpu_train_templates.yaml`` holds hand-written templates for every ProGuard subcategory:
-``pos`` (harmful intent) and ``neg`` (hard negatives: the same topic, benign intent), plus everyday posts.
+``pos`` (harmful intent) and ``neg`` (hard negatives: the same topic, benign intent), plus everyday posts
+and ``novel`` harm that fits no subcategory (unsafe with no subcategory: viral dares and stunts).
 ``build_dataset()`` fills the slots and varies the register (case, punctuation, fillers, a typo, a
 neutral lead-in sentence) with a seeded RNG per template, so the same seed gives byte-identical rows on
 any machine (``digest()`` is what the reproducibility test and the head's metadata pin).
@@ -28,7 +29,7 @@ from guard.taxonomy import DATA_DIR
 TEMPLATES_PATH = DATA_DIR / "cpu_train_templates.yaml"
 EXEMPLARS_PATH = DATA_DIR / "cpu_exemplars.yaml"
 Split = Literal["train", "calib", "test"]
-Kind = Literal["pos", "hard", "everyday"]
+Kind = Literal["pos", "novel", "hard", "everyday"]
 _SLOT = re.compile(r"\{(\w+)\}")
 
 # Register variation. Lead-ins are neutral sentences put before a post so the head learns that intent,
@@ -63,7 +64,7 @@ _SUFFIXES = (" lol", " !!", " tbh", " ...", " haha", " asap", " 🙃", " thanks"
 class Example:
     text: str
     unsafe: bool
-    sub: str | None  # taxonomy subcategory id of a positive; None for negatives
+    sub: str | None  # taxonomy subcategory id of a positive; None for negatives and novel harm
     kind: Kind
     topic: str  # the subcategory whose topic the row is about ("everyday" for everyday posts)
     group: str  # the template the row came from: the unit of the split
@@ -136,7 +137,7 @@ def build_dataset(seed: int = 0, fills: int = 14, path: Path = TEMPLATES_PATH) -
             if text in seen:
                 continue
             seen.add(text)
-            rows.append(Example(text, kind == "pos", sub, kind, topic, group, split))
+            rows.append(Example(text, kind in ("pos", "novel"), sub, kind, topic, group, split))
 
     for sub, lists in doc["templates"].items():
         for i, t in enumerate(lists["pos"]):
@@ -145,6 +146,9 @@ def build_dataset(seed: int = 0, fills: int = 14, path: Path = TEMPLATES_PATH) -
             expand(t, f"{sub}/neg/{i}", _split_of(i), None, "hard", sub)
     for i, t in enumerate(doc["everyday"]):
         expand(t, f"everyday/{i}", _split_of(i), None, "everyday", "everyday")
+    # Harm that fits no subcategory: unsafe, no subcategory (the head is taught an even spread over all).
+    for i, t in enumerate(doc.get("novel", [])):
+        expand(t, f"novel/{i}", _split_of(i), None, "novel", "novel")
     # The prototype baseline's own hand-written examples (cpu_exemplars.yaml) train the head too: never
     # held out, so the report does not measure the head on the prototypes' sentences.
     ex: dict[str, Any] = yaml.safe_load(EXEMPLARS_PATH.read_text(encoding="utf-8"))

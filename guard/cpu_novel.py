@@ -67,9 +67,21 @@ def salient_phrase(text: str, text_vec: FloatArray, embedder: Embedder) -> str:
 
     Multi-word phrases get a small bonus: "blackout challenge" says more than "challenge" alone.
     """
-    cands = candidates(text)
-    if not cands:
-        return " ".join(text.split()[:MAX_PHRASE_WORDS])
-    vecs = embedder.encode(cands)
-    score = vecs @ text_vec + 0.04 * np.array([min(len(c.split()), 2) for c in cands])
-    return cands[int(score.argmax())]
+    return salient_phrases([text], text_vec[None, :], embedder)[0]
+
+
+def salient_phrases(texts: list[str], text_vecs: FloatArray, embedder: Embedder) -> list[str]:
+    """``salient_phrase`` for several posts with one encoder call for all their candidates."""
+    per_post = [candidates(t) for t in texts]
+    flat = [c for cands in per_post for c in cands]
+    vecs = embedder.encode(flat, batch_size=64) if flat else np.zeros((0, 384), dtype=np.float32)
+    out: list[str] = []
+    k = 0
+    for text, vec, cands in zip(texts, text_vecs, per_post, strict=True):
+        if not cands:
+            out.append(" ".join(text.split()[:MAX_PHRASE_WORDS]))
+            continue
+        score = vecs[k : k + len(cands)] @ vec + 0.04 * np.array([min(len(c.split()), 2) for c in cands])
+        out.append(cands[int(score.argmax())])
+        k += len(cands)
+    return out

@@ -54,8 +54,10 @@ def _metrics(rows: list[Example], verdicts: list[Verdict]) -> dict[str, Any]:
     tp = int((flagged & y).sum())
     pos = [k for k, r in enumerate(rows) if r.unsafe]
     caught = [k for k in pos if flagged[k]]
-    sub_ok = sum(verdicts[k].subcategory == rows[k].sub for k in caught)
-    cat_ok = sum((verdicts[k].category or "") == (rows[k].sub or "").split("S")[0] for k in caught)
+    known = [k for k in caught if rows[k].sub is not None]  # caught, of a known subcategory
+    unknown = [k for k, r in enumerate(rows) if r.kind == "novel"]  # harm that fits no subcategory
+    sub_ok = sum(verdicts[k].subcategory == rows[k].sub for k in known)
+    cat_ok = sum((verdicts[k].category or "") == (rows[k].sub or "").split("S")[0] for k in known)
     return {
         "n": len(rows),
         "n_unsafe": int(y.sum()),
@@ -65,10 +67,13 @@ def _metrics(rows: list[Example], verdicts: list[Verdict]) -> dict[str, Any]:
         "recall": round(tp / max(int(y.sum()), 1), 4),
         "hard_negative_fpr": round(rate(kind == "hard", flagged), 4),
         "everyday_fpr": round(rate(kind == "everyday", flagged), 4),
-        "subcategory_accuracy_of_caught": round(sub_ok / max(len(caught), 1), 4),
-        "category_accuracy_of_caught": round(cat_ok / max(len(caught), 1), 4),
+        "subcategory_accuracy_of_caught": round(sub_ok / max(len(known), 1), 4),
+        "category_accuracy_of_caught": round(cat_ok / max(len(known), 1), 4),
         "novel_of_caught": round(
-            sum(verdicts[k].novel_risk is not None for k in caught) / max(len(caught), 1), 4
+            sum(verdicts[k].novel_risk is not None for k in known) / max(len(known), 1), 4
+        ),
+        "novel_rows_reported_novel": round(
+            sum(verdicts[k].novel_risk is not None for k in unknown) / max(len(unknown), 1), 4
         ),
     }
 
@@ -82,6 +87,45 @@ def _confusion(rows: list[Example], verdicts: list[Verdict]) -> dict[str, dict[s
         said = MISSED if v.safe is not False else (v.subcategory or NOVEL)
         row = out.setdefault(r.sub, {})
         row[said] = row.get(said, 0) + 1
+    return out
+
+
+def category_table(confusion: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """The subcategory confusion folded per main category: of its unsafe rows, the share the engine gave
+    the right subcategory, the right category but another subcategory, another category (and which one
+    most often), a novel risk, or missed (judged safe)."""
+    by_cat: dict[str, dict[str, int]] = {}
+    for sub, said in confusion.items():
+        cat = sub.split("S")[0]
+        row = by_cat.setdefault(cat, {})
+        for k, v in said.items():
+            if k in (NOVEL, MISSED):
+                bucket = k
+            elif k == sub:
+                bucket = "right_sub"
+            elif k.split("S")[0] == cat:
+                bucket = "right_cat"
+            else:
+                bucket = "other:" + k.split("S")[0]
+            row[bucket] = row.get(bucket, 0) + v
+    out: list[dict[str, Any]] = []
+    for cat in sorted(by_cat, key=lambda c: int(c[1:])):
+        row = by_cat[cat]
+        n = sum(row.values())
+        others = {k.split(":")[1]: v for k, v in row.items() if k.startswith("other:")}
+        top = max(others, key=lambda k: others[k]) if others else "-"
+        out.append(
+            {
+                "category": cat,
+                "n": n,
+                "right_sub": round(row.get("right_sub", 0) / n, 2),
+                "right_cat_other_sub": round(row.get("right_cat", 0) / n, 2),
+                "other_cat": round(sum(others.values()) / n, 2),
+                "top_other_cat": top,
+                "novel": round(row.get(NOVEL, 0) / n, 2),
+                "missed": round(row.get(MISSED, 0) / n, 2),
+            }
+        )
     return out
 
 
@@ -185,6 +229,7 @@ def print_report(r: dict[str, Any]) -> None:
         "subcategory_accuracy_of_caught",
         "category_accuracy_of_caught",
         "novel_of_caught",
+        "novel_rows_reported_novel",
         "seconds",
     ]
     print(f"CPU engine held-out report: split={r['split']} rows={r['rows']} (unsafe {r['head']['n_unsafe']})")
@@ -196,6 +241,11 @@ def print_report(r: dict[str, Any]) -> None:
         total = sum(said.values())
         parts = ", ".join(f"{k}:{v}" for k, v in sorted(said.items(), key=lambda kv: -kv[1]))
         print(f"  {sub:6} n={total:3}  {parts}")
+    print("head per main category (share of its unsafe test rows):")
+    cols = ["n", "right_sub", "right_cat_other_sub", "other_cat", "top_other_cat", "novel", "missed"]
+    print(f"  {'cat':4} " + " ".join(f"{c:>19}" for c in cols))
+    for row in category_table(r["head_confusion"]):
+        print(f"  {row['category']:4} " + " ".join(f"{row[c]!s:>19}" for c in cols))
     for name in ("head", "prototype"):
         if f"speed_{name}" in r:
             print(f"speed {name}: {r[f'speed_{name}']}")

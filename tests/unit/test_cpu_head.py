@@ -42,6 +42,8 @@ def test_head_beats_the_prototype_on_held_out_templates(cpu_engine: CpuEngine) -
     assert head["auprc"] > proto["auprc"] + 0.1, r
     assert head["hard_negative_fpr"] < proto["hard_negative_fpr"] - 0.2, r
     assert head["auprc"] > head["chance_auprc"] + 0.2
+    assert head["everyday_fpr"] <= proto["everyday_fpr"], r  # was 0.14 vs 0.06 before the data rewrite
+    assert head["novel_of_caught"] <= 0.15, r  # known-subcategory posts are rarely called novel (was 0.28)
 
 
 def test_a_threat_after_twelve_harmless_sentences_is_caught(cpu_engine: CpuEngine) -> None:
@@ -97,7 +99,7 @@ def test_dataset_is_reproducible_and_split_by_template() -> None:
     build_dataset.cache_clear()
     b = build_dataset()
     assert a == b and digest(a) == digest(b)
-    assert len(a) >= 4000
+    assert len(a) >= 12000
     split_of: dict[str, str] = {}
     for r in a:
         assert split_of.setdefault(r.group, r.split) == r.split, r.group  # a template lives in one split
@@ -105,10 +107,30 @@ def test_dataset_is_reproducible_and_split_by_template() -> None:
     assert not train & {r.text for r in a if r.split == "test"}
     subs = {s.id for c in Taxonomy.load().categories for s in c.subcategories}
     for split in ("train", "test"):
-        assert {r.sub for r in a if r.unsafe and r.split == split} == subs
+        assert {r.sub for r in a if r.unsafe and r.sub and r.split == split} == subs
         assert {r.topic for r in a if r.kind == "hard" and r.split == split} >= subs - {"C1S3"}
+        assert any(r.kind == "novel" for r in a if r.split == split)  # harm that fits no subcategory
     n_pos = sum(r.unsafe for r in a)
     assert sum(r.kind == "hard" for r in a) >= 0.9 * n_pos  # about as many hard negatives as positives
+    assert sum(r.kind == "everyday" for r in a) >= 0.4 * n_pos  # plus many everyday posts
+    assert len({r.group for r in a if r.kind == "everyday" and not r.group.startswith("exemplars")}) >= 200
+
+
+def test_training_data_avoids_public_probe_wording() -> None:
+    """Technical homonyms and games are in the data, in the project's own words: no template mirrors the
+    well-known probe phrasings ("how do I kill a python process", "what is suicide", ...)."""
+    import re
+
+    probes = re.compile(
+        r"how (do|can|would) (i|you) kill (a|an|the|all|someone|somebody)\b|\bwhat is suicide\b"
+        r"|most painless way to die|how do i plan a (kidnapping|robbery)"
+    )
+    texts = {r.group: r.text.lower() for r in build_dataset()}
+    assert not [g for g, t in texts.items() if probes.search(t)]
+    # The demo's planted trend (choking / fainting "challenges") is not in the novel-harm rows, so the
+    # engine's test of it measures generalisation.
+    novel = [r.text.lower() for r in build_dataset() if r.kind == "novel"]
+    assert novel and not [t for t in novel if re.search(r"chok|faint|blackout|black out|pass out", t)]
 
 
 def test_shipped_head_was_built_from_this_dataset() -> None:
