@@ -26,7 +26,7 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
         settings.max_image_bytes,
         settings.max_image_pixels,
         settings.fetch_concurrency,
-        target_pixels=settings.vllm_max_pixels,  # the engine's own pixel bound: decode no more than it uses
+        target_pixels=settings.target_pixels,  # the engine's own pixel bound: decode no more than it uses
         decode_budget_bytes=settings.decode_budget_bytes,
     )
 
@@ -34,7 +34,7 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
 def build_moderator(settings: Settings, engine: GuardEngine | StreamingEngine | None = None) -> Moderator:
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
     worker's (it then only prepares records and builds events; the engine is awaited by the worker)."""
-    engine = engine or build_engine(settings.engine, settings.engine_options())
+    engine = engine or build_engine(settings.engine_config)
     cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
     return Moderator(settings, engine, build_fetcher(settings), cache)
 
@@ -49,8 +49,7 @@ def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> Stre
 def build_streaming_engine(settings: Settings) -> StreamingEngine:
     """The configured engine on the per-request seam (``guard.engines.build_streaming_engine``)."""
     return guard_build_streaming_engine(
-        settings.engine,
-        settings.engine_options(),
+        settings.engine_config,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
     )

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from guard.config import CpuConfig
 from workers.cli.base import (
     CliError,
     EngineOpt,
@@ -135,9 +136,10 @@ def demo(
         if alerts_proc is not None:
             show_alert(s, alerts_proc, out)
         if replay_threshold is not None:
+            live = s.engine_config.threshold if isinstance(s.engine_config, CpuConfig) else s.engine.value
             out.print(
                 f"\n[bold]audit replay[/] of the whole feed with the CPU engine at threshold "
-                f"{replay_threshold} (live run: {s.cpu_threshold})"
+                f"{replay_threshold} (live run: {live})"
             )
             run_replay(
                 s.model_copy(update={"cpu_threshold": replay_threshold, "cache_enabled": False}),
