@@ -167,25 +167,25 @@ def check_bucket(s: Settings) -> CheckResult:
 def check_redis(s: Settings) -> CheckResult:
     import redis
 
-    if not s.cache_enabled:
+    if not s.cache.enabled:
         return CheckResult("redis", True, "cache disabled (GUARDSTREAM_CACHE_ENABLED=false)")
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = redis.Redis.from_url(s.cache.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()
     except redis.AuthenticationError as exc:
         return CheckResult(
-            "redis", False, f"{mask_url(s.redis_url)}: {exc}", "put the password in GUARDSTREAM_REDIS_URL"
+            "redis", False, f"{mask_url(s.cache.url)}: {exc}", "put the password in GUARDSTREAM_REDIS_URL"
         )
     except redis.RedisError as exc:
         return CheckResult(
             "redis",
             False,
-            f"{mask_url(s.redis_url)}: {exc}"[:300],
+            f"{mask_url(s.cache.url)}: {exc}"[:300],
             "start Redis or set GUARDSTREAM_REDIS_URL (GUARDSTREAM_CACHE_ENABLED=false: run without cache)",
         )
     finally:
         client.close()
-    return CheckResult("redis", True, f"{mask_url(s.redis_url)} answers")
+    return CheckResult("redis", True, f"{mask_url(s.cache.url)} answers")
 
 
 def check_engine(s: Settings, engine: GuardEngine | None = None) -> CheckResult:

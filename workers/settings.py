@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from guard.config import CONFIGS, EngineConfig, EngineKind
@@ -51,13 +60,37 @@ ENGINE_VARIABLES: dict[str, EngineVariable] = {
     "vllm_server_timeout_s": EngineVariable("timeout_s", (_SERVER,)),
     "vllm_server_dead_after_s": EngineVariable("dead_after_s", (_SERVER,)),
 }
+
+
+class CacheSettings(BaseModel):
+    """The Redis verdict cache."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    enabled: bool = True
+
+
+# Settings groups declared as models, like the engine configs: flat variable -> (group, its field). Each
+# is a generated Settings field too (the group field's type, default and bounds).
+GROUPS: dict[str, type[BaseModel]] = {"cache": CacheSettings}
+GROUP_VARIABLES: dict[str, tuple[str, str]] = {
+    "redis_url": ("cache", "url"),
+    "cache_ttl_s": ("cache", "ttl_s"),
+    "cache_enabled": ("cache", "enabled"),
+}
+
 # Requests in flight to the vllm-server: its config's max_concurrency. Unset: 2 x VLLM_MAX_NUM_SEQS, which
 # keeps the server's running batch full, so the variable is optional where the config field is not.
 SERVER_CONCURRENCY = "vllm_server_concurrency"
 
 
-def _engine_variable_fields() -> dict[str, Any]:
+def _variable_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
+    for name, (group, field) in GROUP_VARIABLES.items():
+        spec = GROUPS[group].model_fields[field]
+        fields[name] = (spec.annotation, copy.copy(spec))
     for name, var in ENGINE_VARIABLES.items():
         spec = CONFIGS[var.kinds[0]].model_fields[var.field]
         for kind in var.kinds[1:]:  # one variable, one meaning: the configs must agree on it
@@ -69,18 +102,24 @@ def _engine_variable_fields() -> dict[str, Any]:
     return fields
 
 
-if TYPE_CHECKING:  # code reads engine settings from Settings.engine_config, typed; not from these fields
+if TYPE_CHECKING:  # code reads these typed from Settings.engine_config / the groups, not as flat fields
 
-    class _EngineVariables(BaseSettings):
+    class _Variables(BaseSettings):
         pass
 
 else:
-    _EngineVariables = create_model("_EngineVariables", __base__=BaseSettings, **_engine_variable_fields())
+    _Variables = create_model("_Variables", __base__=BaseSettings, **_variable_fields())
 
 
 def variable(s: Settings, name: str) -> Any:
-    """The value of the engine variable ``name`` as set (typed code reads ``Settings.engine_config``)."""
+    """The value of the generated variable ``name`` (typed code reads ``engine_config`` or the group)."""
     return getattr(s, name)
+
+
+def group_of(s: Settings, group: str) -> Any:
+    """The settings group ``group`` from its variables (each mapped once, in GROUP_VARIABLES)."""
+    values = {field: variable(s, name) for name, (g, field) in GROUP_VARIABLES.items() if g == group}
+    return GROUPS[group].model_validate(values)
 
 
 def engine_config_of(s: Settings) -> EngineConfig:
@@ -111,9 +150,10 @@ class ParseErrorPolicy(StrEnum):
     RETRY = "retry"  # moderate it once more on its own, then dead-letter
 
 
-class Settings(_EngineVariables):
+class Settings(_Variables):
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
     _engine_config: EngineConfig | None = PrivateAttr(None)
+    _cache: CacheSettings | None = PrivateAttr(None)
 
     # Kafka
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -153,10 +193,7 @@ class Settings(_EngineVariables):
     fetch_concurrency: int = Field(16, ge=1, le=256)
     s3_max_attempts: int = Field(4, ge=1, le=10)
 
-    # Redis verdict cache
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0)
-    cache_enabled: bool = True
+    # Redis verdict cache: REDIS_URL, CACHE_TTL_S, CACHE_ENABLED (GROUP_VARIABLES), read as ``cache``
 
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -178,7 +215,7 @@ class Settings(_EngineVariables):
     )  # original value kept in a dead letter
 
     # Engine: the kind here; every engine variable (GUARDSTREAM_VLLM_*, CPU_THRESHOLD, TAXONOMY_PATH,
-    # MAX_IN_FLIGHT) is a field of _EngineVariables, built into ``engine_config`` below
+    # MAX_IN_FLIGHT) is a field of _Variables, built into ``engine_config`` below
     engine: EngineKind = EngineKind.CPU
     on_parse_error: ParseErrorPolicy = ParseErrorPolicy.DLQ
     engine_retries: int = Field(1, ge=0, le=5)
@@ -209,13 +246,21 @@ class Settings(_EngineVariables):
         return self._engine_config
 
     @property
+    def cache(self) -> CacheSettings:
+        """The verdict cache's settings, built once when the settings load."""
+        if self._cache is None:  # model_construct(): no validator ran
+            self._cache = group_of(self, "cache")
+        return self._cache
+
+    @property
     def target_pixels(self) -> int:
         """VLLM_MAX_PIXELS, whatever the engine: the media fetcher decodes no more than the engine uses."""
         return int(variable(self, "vllm_max_pixels"))
 
     @model_validator(mode="after")
-    def _build_engine_config(self) -> Self:
+    def _build_groups(self) -> Self:
         self._engine_config = engine_config_of(self)
+        self._cache = group_of(self, "cache")
         return self
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
@@ -223,6 +268,7 @@ class Settings(_EngineVariables):
         copied = super().model_copy(update=update, deep=deep)
         if update:
             copied._engine_config = engine_config_of(copied)
+            copied._cache = group_of(copied, "cache")
         return copied
 
     @field_validator("allowed_buckets", mode="before")

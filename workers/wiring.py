@@ -35,7 +35,7 @@ def build_moderator(settings: Settings, engine: GuardEngine | StreamingEngine | 
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
     worker's (it then only prepares records and builds events; the engine is awaited by the worker)."""
     engine = engine or build_engine(settings.engine_config)
-    cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
+    cache = VerdictCache(settings.cache.url, settings.cache.ttl_s, settings.cache.enabled)
     return Moderator(settings, engine, build_fetcher(settings), cache)
 
 

@@ -20,7 +20,7 @@ from guard.config import (
 )
 from workers.cli.base import _default_text, describe_validation, unknown_variables
 from workers.preflight import load_settings
-from workers.settings import ENGINE_VARIABLES, SERVER_CONCURRENCY, Settings
+from workers.settings import ENGINE_VARIABLES, GROUP_VARIABLES, SERVER_CONCURRENCY, CacheSettings, Settings
 
 CPU, VLLM, SERVER, HF = EngineKind.CPU, EngineKind.VLLM, EngineKind.VLLM_SERVER, EngineKind.TRANSFORMERS
 
@@ -185,3 +185,21 @@ def test_the_union_is_discriminated_by_kind() -> None:
         adapter.validate_python({"kind": "cpu", "max_num_seqs": 3})  # a field of another engine
     with pytest.raises(ValidationError):
         adapter.validate_python({"kind": "tpu"})
+
+
+# ---- the cache group: the same mechanism for a settings group (flat variables, one typed model) -------
+def test_cache_group_is_built_from_its_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().cache == CacheSettings()  # the defaults are the group's own
+    monkeypatch.setenv("GUARDSTREAM_REDIS_URL", "redis://cache:6380/1")
+    monkeypatch.setenv("GUARDSTREAM_CACHE_TTL_S", "60")
+    monkeypatch.setenv("GUARDSTREAM_CACHE_ENABLED", "false")
+    s = Settings()
+    assert s.cache == CacheSettings(url="redis://cache:6380/1", ttl_s=60, enabled=False)
+    assert set(GROUP_VARIABLES) <= set(Settings.model_fields)
+    assert _default_text("cache_ttl_s") == str(7 * 24 * 3600)
+    on = s.model_copy(update={"cache_enabled": True})
+    assert on.cache.enabled is True and s.cache.enabled is False
+    monkeypatch.setenv("GUARDSTREAM_CACHE_TTL_S", "0")
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    assert "GUARDSTREAM_CACHE_TTL_S='0'" in describe_validation(exc.value)

@@ -83,7 +83,7 @@ def demo(
         stack = LocalStack(
             broker_port=free_port(),
             s3_port=free_port(),
-            redis_url=base.redis_url,
+            redis_url=base.cache.url,
             # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
             redis_data_dir=".guardstream/redis",
         ).start()
