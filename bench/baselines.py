@@ -33,7 +33,7 @@ def minimal_work(s: Settings) -> Work:
     validate the post (the same pydantic decoder), hash its content, one MGET per batch, and write a
     verdict JSON (the same msgspec encoder). No pipelining, cache write, metrics or bookkeeping."""
     keyer = ContentKeyer(engine="bench-minimal", model_version="none", policy="bench")
-    cache = VerdictCache(s.redis_url, s.cache_ttl_s)
+    cache = VerdictCache(s.cache.url, s.cache.ttl_s)
 
     def work(msgs: list[Message]) -> list[tuple[bytes, bytes | None]]:
         posts = [decode_post(m.value()) for m in msgs]

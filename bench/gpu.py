@@ -237,9 +237,9 @@ def engine_alone(feed: Feed, path: str, sim_cfg: SimConfig, server: SimServerPro
     kw: dict[str, Any] = {"engine": path}
     if server is not None:
         kw["vllm_server_url"] = server.url
-    options = Settings(**kw).engine_options()
+    config = Settings(**kw).engine_config
     factory = SimFactory(sim_cfg) if path == "vllm" else None
-    engine = build_streaming_engine(path, options, vllm_llm_factory=factory)
+    engine = build_streaming_engine(config, vllm_llm_factory=factory)
     items = feed.items
 
     async def main() -> ClientRun:
@@ -288,7 +288,7 @@ def _worker_settings(env: Env, path: str, server: SimServerProcess | None, **kw:
 def _build(s: Any, path: str, factory: SimFactory | None) -> Any:
     if path == "vllm":
         assert factory is not None
-        engine = build_streaming_engine("vllm", s.engine_options(), vllm_llm_factory=factory)
+        engine = build_streaming_engine(s.engine_config, vllm_llm_factory=factory)
         return build_worker(s, engine)
     return build_worker(s)
 

@@ -99,7 +99,7 @@ def _child(cfg: dict[str, Any]) -> dict[str, int]:
 
     configure_logging("json", "WARNING")
     s = Settings.model_validate_json(cfg["settings"])
-    engine = FullWindowEngine(cfg["total"], s.max_in_flight or 256)
+    engine = FullWindowEngine(cfg["total"], s.engine_config.max_in_flight or 256)
     worker = build_worker(s, engine)
     engine.worker = worker
     assert worker.moderator.fetcher is not None

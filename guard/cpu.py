@@ -17,11 +17,11 @@ guard; ``python -m guard.cpu_report`` prints its own held-out numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from guard.config import CpuConfig
 from guard.cpu_head import HEAD_PATH, CpuHead, windows
 from guard.cpu_novel import salient_phrases
 from guard.embeddings import Embedder, shared_embedder
@@ -31,14 +31,7 @@ from schemas.events import Modality
 
 NOVEL_MIN_P_UNSAFE = 0.5
 
-
-@dataclass(frozen=True)
-class CpuEngineConfig:
-    # Calibrated p_unsafe at or above this is unsafe. None: the head's shipped operating point, chosen on
-    # the calib split for a benign false-positive rate of at most 5% (training.cpu_head).
-    threshold: float | None = None
-    # Unsafe but no subcategory above this probability: a novel risk. None: the head's shipped value.
-    novel_confidence: float | None = None
+CpuEngineConfig = CpuConfig  # the name callers know
 
 
 class CpuEngine:

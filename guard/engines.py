@@ -1,4 +1,4 @@
-"""Engine selection, chosen by config/CLI.
+"""Engine construction from an engine config (``guard.config``: one model per engine, selected by ``kind``).
 
 ``build_streaming_engine`` is what the worker uses: every backend behind the per-request
 ``StreamingEngine`` seam (generative ones natively, batch-native ones through ``MicroBatcher``).
@@ -9,83 +9,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
+from guard.config import (
+    CONFIGS,
+    CpuConfig,
+    EngineConfig,
+    EngineKind,
+    ServerConfig,
+    VllmConfig,
+)
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
 from guard.types import GuardEngine, StreamingEngine
 from schemas.extras import require
 
-
-class EngineKind(StrEnum):
-    CPU = "cpu"
-    VLLM = "vllm"
-    VLLM_SERVER = "vllm-server"
-    TRANSFORMERS = "transformers"
+__all__ = ["EngineKind", "build_engine", "build_streaming_engine", "engine_config", "require_engine_extras"]
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    taxonomy_path: Path | None = None
-    cpu_threshold: float = 0.5
-    # ProGuard checkpoint: a local directory (no hub access needed) or a model id
-    model: str = "yushaohan/ProGuard-7B"
-    model_revision: str | None = None
-    max_model_len: int = 8192
-    gpu_memory_utilization: float = 0.90
-    max_num_seqs: int = 128
-    tensor_parallel_size: int = 1
-    max_pixels: int = 1280 * 28 * 28
-    max_tokens: int = 1024
-    # vllm-server
-    server_url: str = "http://127.0.0.1:8003/v1"
-    server_model: str = "ProGuard-7B"
-    server_api_key: str | None = None
-    # requests in flight to the server; None: 2 × max_num_seqs (keeps the server's running batch full)
-    server_concurrency: int | None = None
-    server_timeout_s: float = 120.0
-    server_dead_after_s: float = 15.0  # unreachable (or failing everything) this long: engine dead
-    # posts the worker keeps outstanding in the engine; None: the engine's own default
-    # (vllm: 2 × max_num_seqs; vllm-server: server_concurrency; cpu/transformers: 2 batches)
-    max_in_flight: int | None = None
-
-
-def _prompts(o: EngineOptions) -> PromptSet:
-    return PromptSet(Taxonomy.load(o.taxonomy_path))
-
-
-def _vllm_config(o: EngineOptions) -> Any:
-    from guard.vllm_engine import VllmConfig
-
-    return VllmConfig(
-        model=o.model,
-        revision=o.model_revision,
-        max_model_len=o.max_model_len,
-        gpu_memory_utilization=o.gpu_memory_utilization,
-        max_num_seqs=o.max_num_seqs,
-        tensor_parallel_size=o.tensor_parallel_size,
-        max_pixels=o.max_pixels,
-        max_tokens=o.max_tokens,
-        max_in_flight=o.max_in_flight,
-    )
-
-
-def _server_config(o: EngineOptions) -> Any:
-    from guard.server_engine import ServerConfig
-
-    return ServerConfig(
-        base_url=o.server_url,
-        model=o.server_model,
-        api_key=o.server_api_key,
-        max_concurrency=o.server_concurrency or 2 * o.max_num_seqs,
-        max_in_flight=o.max_in_flight,
-        timeout_s=o.server_timeout_s,
-        dead_after_s=o.server_dead_after_s,
-        max_tokens=o.max_tokens,
-    )
+def _prompts(config: EngineConfig) -> PromptSet:
+    return PromptSet(Taxonomy.load(config.taxonomy_path))
 
 
 def require_engine_extras(kind: EngineKind | str) -> None:
@@ -102,35 +45,33 @@ def require_engine_extras(kind: EngineKind | str) -> None:
         require("cpu", "transformers")
 
 
-def build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -> GuardEngine:
-    """The batch ``GuardEngine`` of a backend (``moderate(batch) -> verdicts``)."""
-    o = options or EngineOptions()
-    kind = EngineKind(kind)
-    # Engines' heavy dependencies are extras: a missing one is one line naming the pip install.
-    require_engine_extras(kind)
-    prompts = _prompts(o)
-    if kind is EngineKind.CPU:
-        from guard.cpu import CpuEngine, CpuEngineConfig
+def build_engine(config: EngineConfig | EngineKind | str | None = None) -> GuardEngine:
+    """The batch ``GuardEngine`` of a backend (``moderate(batch) -> verdicts``).
 
-        return CpuEngine(prompts, CpuEngineConfig(threshold=o.cpu_threshold))
-    if kind is EngineKind.VLLM:
+    ``config``: the engine's config (``guard.config``); a kind alone (or None: cpu) means its defaults."""
+    c = engine_config(config)
+    # Engines' heavy dependencies are extras: a missing one is one line naming the pip install.
+    require_engine_extras(c.kind)
+    prompts = _prompts(c)
+    if isinstance(c, CpuConfig):
+        from guard.cpu import CpuEngine
+
+        return CpuEngine(prompts, c)
+    if isinstance(c, VllmConfig):
         from guard.vllm_engine import VllmEngine
 
-        return VllmEngine(prompts, _vllm_config(o))
-    if kind is EngineKind.VLLM_SERVER:
+        return VllmEngine(prompts, c)
+    if isinstance(c, ServerConfig):
         from guard.server_engine import ServerEngine
 
-        return ServerEngine(prompts, _server_config(o))
-    from guard.hf_engine import TransformersConfig, TransformersEngine
+        return ServerEngine(prompts, c)
+    from guard.hf_engine import TransformersEngine
 
-    return TransformersEngine(
-        prompts, TransformersConfig(model=o.model, max_pixels=o.max_pixels, max_tokens=o.max_tokens)
-    )
+    return TransformersEngine(prompts, c)
 
 
 def build_streaming_engine(
-    kind: EngineKind | str,
-    options: EngineOptions | None = None,
+    config: EngineConfig | EngineKind | str | None = None,
     *,
     max_batch_size: int = 32,
     max_wait_s: float = 0.02,
@@ -139,28 +80,35 @@ def build_streaming_engine(
 ) -> StreamingEngine:
     """The worker's engine: one ``judge(item)`` per post, completing out of order.
 
-    ``max_batch_size``/``max_wait_s`` only shape the micro-batches of batch-native backends (cpu,
-    transformers). ``vllm_llm_factory``/``vllm_sampling_params_factory`` replace vLLM's ``AsyncLLM`` and
-    ``SamplingParams`` (tests, the bench's simulator); see ``guard.vllm_engine`` for the interface.
+    ``config``: as for ``build_engine``. ``max_batch_size``/``max_wait_s`` only shape the micro-batches of
+    batch-native backends (cpu, transformers). ``vllm_llm_factory``/``vllm_sampling_params_factory``
+    replace vLLM's ``AsyncLLM`` and ``SamplingParams`` (tests, the bench's simulator); see
+    ``guard.vllm_engine`` for the interface.
 
     Build it outside the worker's engine event loop (loading a model takes minutes); both generative
     engines attach to the loop that first awaits ``judge``.
     """
-    o = options or EngineOptions()
-    kind = EngineKind(kind)
-    if kind is EngineKind.VLLM:
+    c = engine_config(config)
+    if isinstance(c, VllmConfig):
         if vllm_llm_factory is None:
             require("gpu", "vllm")
         from guard.vllm_engine import AsyncVllmEngine
 
-        return AsyncVllmEngine(_prompts(o), _vllm_config(o), vllm_llm_factory, vllm_sampling_params_factory)
-    if kind is EngineKind.VLLM_SERVER:
+        return AsyncVllmEngine(_prompts(c), c, vllm_llm_factory, vllm_sampling_params_factory)
+    if isinstance(c, ServerConfig):
         from guard.server_engine import AsyncServerEngine
 
-        return AsyncServerEngine(_prompts(o), _server_config(o))
+        return AsyncServerEngine(_prompts(c), c)
     from guard.streaming import MicroBatcher
 
-    batcher = MicroBatcher(build_engine(kind, o), max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-    if o.max_in_flight:
-        batcher.max_in_flight = o.max_in_flight
+    batcher = MicroBatcher(build_engine(c), max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+    if c.max_in_flight:
+        batcher.max_in_flight = c.max_in_flight
     return batcher
+
+
+def engine_config(config: EngineConfig | EngineKind | str | None) -> EngineConfig:
+    """``config`` itself, or the defaults of the named kind (cpu when None)."""
+    if config is None or isinstance(config, str):
+        return CONFIGS[EngineKind(config or EngineKind.CPU)]()
+    return config

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from guard.chat import render_qwen2_5_vl
-from guard.engines import EngineKind, EngineOptions, build_engine
+from guard.config import CpuConfig, EngineConfig, ServerConfig, TransformersConfig, VllmConfig
+from guard.engines import EngineKind, build_engine
 from guard.samples import TEXTS, drawn_image
 from guard.types import GuardEngine, ModerationItem
 
@@ -75,6 +76,16 @@ def run(engine: GuardEngine, items: list[ModerationItem], batch: int, console: C
     console.print(f"{len(items)} posts in {dt:.2f}s = [bold]{len(items) / dt:.1f} posts/s[/] (batch {batch})")
 
 
+def _config(kind: EngineKind, model: str, server_url: str) -> EngineConfig:
+    if kind is EngineKind.VLLM:
+        return VllmConfig(model=model)
+    if kind is EngineKind.TRANSFORMERS:
+        return TransformersConfig(model=model)
+    if kind is EngineKind.VLLM_SERVER:
+        return ServerConfig(base_url=server_url)
+    return CpuConfig()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default="vllm", help="comma list of vllm, transformers, vllm-server, cpu")
@@ -86,7 +97,7 @@ def main() -> None:
     console = Console()
     items = samples(a.repeat)
     for name in a.engines.split(","):
-        engine = build_engine(EngineKind(name.strip()), EngineOptions(model=a.model, server_url=a.server_url))
+        engine = build_engine(_config(EngineKind(name.strip()), a.model, a.server_url))
         if name.strip() == "vllm":
             check_chat_template(engine, console)
         run(engine, items, a.batch, console)

@@ -35,29 +35,15 @@ Failures (``classify_failure``; the engine sits behind ``guard.streaming.MicroBa
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
+from guard.config import TransformersConfig as TransformersConfig
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
 from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
-
-
-@dataclass(frozen=True)
-class TransformersConfig:
-    model: str = "yushaohan/ProGuard-7B"
-    device_map: str = "auto"
-    dtype: str = "bfloat16"
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 1280 * 28 * 28
-    max_tokens: int = 1024
-    top_logprobs: int = 5
-    temperature: float = 0.0  # 0: greedy, as ProGuard's inference.py
-    seed: int = 0
-
 
 DTYPE_KWARG_SINCE = (4, 56)  # transformers PR #39782 renamed from_pretrained's torch_dtype to dtype
 

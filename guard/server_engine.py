@@ -37,13 +37,13 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import structlog
 
 from guard.chat import combine, expand, openai_messages, p_unsafe_from_logprobs
+from guard.config import ServerConfig as ServerConfig
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
@@ -60,27 +60,6 @@ log = structlog.get_logger(__name__)
 # clients of 16 connections at 1.2 ms and 404 req/s. Small pools keep that scan short; more, smaller
 # clients would only add per-client overhead.
 CONNECTIONS_PER_CLIENT = 16
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    base_url: str = "http://127.0.0.1:8003/v1"
-    model: str = "ProGuard-7B"
-    api_key: str | None = None
-    max_concurrency: int = 256  # requests in flight to the server (2 × its max_num_seqs)
-    max_in_flight: int | None = None  # posts the worker keeps outstanding; None: max_concurrency
-    timeout_s: float = 120.0  # one request, end to end
-    connect_timeout_s: float = 5.0
-    max_attempts: int = 3  # the batch ServerEngine only; the streaming engine retries by time (dead_after_s)
-    backoff_base_s: float = 0.2
-    backoff_max_s: float = 5.0
-    # the server failing (unreachable, or no success at all) this long: engine dead; one request failing
-    # this long while the server answers others: that request's error
-    dead_after_s: float = 15.0
-    temperature: float = 0.0
-    max_tokens: int = 1024
-    top_logprobs: int = 5
-    seed: int = 0
 
 
 def split_credentials(base_url: str) -> tuple[str, str, httpx.BasicAuth | None]:

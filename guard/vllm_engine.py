@@ -57,13 +57,13 @@ import inspect
 import itertools
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import structlog
 
 from guard.chat import combine, expand, p_unsafe_from_logprobs, render, render_qwen2_5_vl, user_text
+from guard.config import VllmConfig as VllmConfig
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
@@ -74,26 +74,6 @@ from schemas.events import Modality
 log = structlog.get_logger(__name__)
 
 _ABORT_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True)
-class VllmConfig:
-    model: str = "yushaohan/ProGuard-7B"  # a local path (no hub access needed) or a model id
-    revision: str | None = None
-    dtype: str = "bfloat16"
-    max_model_len: int = 8192
-    gpu_memory_utilization: float = 0.90
-    max_num_seqs: int = 128
-    tensor_parallel_size: int = 1
-    images_per_prompt: int = 1  # ProGuard's prompts describe one image; more images → more requests
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 1280 * 28 * 28
-    enable_prefix_caching: bool = True
-    temperature: float = 0.0
-    max_tokens: int = 1024
-    top_logprobs: int = 5
-    seed: int = 0
-    max_in_flight: int | None = None  # None: 2 × max_num_seqs
 
 
 # ------------------------------------------------------------------------- shared request/verdict code
@@ -327,7 +307,7 @@ class AsyncVllmEngine:
                 await res
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, **asdict(self.config), "sampling": self.sampling}
+        return {"engine": self.name, **self.config.describe_fields(), "sampling": self.sampling}
 
 
 # ------------------------------------------------------------------------------------- batch engine
@@ -379,7 +359,7 @@ class VllmEngine:
         return [combine(p) for p in parts]
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, **asdict(self.config), "sampling": self.sampling}
+        return {"engine": self.name, **self.config.describe_fields(), "sampling": self.sampling}
 
     def close(self) -> None:
         self.llm = None

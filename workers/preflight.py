@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from guard.config import ServerConfig, TransformersConfig, VllmConfig
 from guard.engines import EngineKind
 from guard.types import GuardEngine, ModerationItem
 from schemas.errors import EXIT_CONFIG, FatalError
@@ -65,7 +66,7 @@ def load_settings(**overrides: Any) -> tuple[Settings | None, CheckResult]:
     try:
         s = Settings(**overrides)
     except ValidationError as exc:
-        errs = [f"{_env(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors() if e.get("loc")]
+        errs = [f"{_env(str(e['loc'][0]))}: {e['msg']}" if e.get("loc") else e["msg"] for e in exc.errors()]
         return None, CheckResult("settings", False, "; ".join(errs)[:600], "correct the variables named")
     return s, check_settings(s)
 
@@ -99,10 +100,10 @@ def check_settings(s: Settings) -> CheckResult:
             problems.append(
                 (f"{_env(name)}={mask_url(url)!r} is not a URL", f"set {_env(name)}=scheme://host:port")
             )
-    if s.engine in (EngineKind.VLLM, EngineKind.TRANSFORMERS):
-        local = Path(s.vllm_model)
-        if s.vllm_model.startswith(("/", ".")) and not local.is_dir():
-            problems.append((f"model directory {s.vllm_model} does not exist", "set GUARDSTREAM_VLLM_MODEL"))
+    c = s.engine_config
+    model = c.model if isinstance(c, VllmConfig | TransformersConfig) else None
+    if model is not None and model.startswith(("/", ".")) and not Path(model).is_dir():
+        problems.append((f"model directory {model} does not exist", "set GUARDSTREAM_VLLM_MODEL"))
     if s.engine is EngineKind.VLLM and importlib.util.find_spec("vllm") is None:
         problems.append(
             ("engine vllm but vllm is not installed", "pip install -e '.[gpu]' on a CUDA machine")
@@ -172,37 +173,37 @@ def check_bucket(s: Settings) -> CheckResult:
 def check_redis(s: Settings) -> CheckResult:
     import redis
 
-    if not s.cache_enabled:
+    if not s.cache.enabled:
         return CheckResult("redis", True, "cache disabled (GUARDSTREAM_CACHE_ENABLED=false)")
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = redis.Redis.from_url(s.cache.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()
     except redis.AuthenticationError as exc:
         return CheckResult(
-            "redis", False, f"{mask_url(s.redis_url)}: {exc}", "put the password in GUARDSTREAM_REDIS_URL"
+            "redis", False, f"{mask_url(s.cache.url)}: {exc}", "put the password in GUARDSTREAM_REDIS_URL"
         )
     except redis.RedisError as exc:
         return CheckResult(
             "redis",
             False,
-            f"{mask_url(s.redis_url)}: {exc}"[:300],
+            f"{mask_url(s.cache.url)}: {exc}"[:300],
             "start Redis or set GUARDSTREAM_REDIS_URL (GUARDSTREAM_CACHE_ENABLED=false: run without cache)",
         )
     finally:
         client.close()
-    return CheckResult("redis", True, f"{mask_url(s.redis_url)} answers")
+    return CheckResult("redis", True, f"{mask_url(s.cache.url)} answers")
 
 
 def check_engine(s: Settings, engine: GuardEngine | None = None) -> CheckResult:
     """A probe request: for in-process engines build it (unless given) and judge one text; for
     ``vllm-server`` ask ``GET /models`` and look for the served model name."""
-    if s.engine is EngineKind.VLLM_SERVER and engine is None:
-        return _probe_server(s)
+    if isinstance(s.engine_config, ServerConfig) and engine is None:
+        return _probe_server(s.engine_config)
     try:
         if engine is None:
             from guard.engines import build_engine
 
-            engine = build_engine(s.engine, s.engine_options())
+            engine = build_engine(s.engine_config)
         (v,) = engine.moderate([ModerationItem("preflight-probe", "Hello, is anyone there?")])
     except Exception as exc:
         return CheckResult(
@@ -214,15 +215,15 @@ def check_engine(s: Settings, engine: GuardEngine | None = None) -> CheckResult:
     return CheckResult("engine", True, f"{engine.name} {engine.model_version}: probe judged (safe={v.safe})")
 
 
-def _probe_server(s: Settings) -> CheckResult:
+def _probe_server(c: ServerConfig) -> CheckResult:
     """``GET {VLLM_SERVER_URL}/models``: reachable, accepted, and serving ``VLLM_SERVER_MODEL``. A server
     that cannot be reached or answers 5xx is ``transient`` (``vllm serve`` takes minutes to load a model);
     a refusal (401/403), a wrong URL (404, not a model list) or a model it does not serve is a setting."""
     import httpx
 
-    url = s.vllm_server_url.rstrip("/") + "/models"
+    url = c.base_url.rstrip("/") + "/models"
     where = f"vllm-server {mask_url(url)}"
-    headers = {"Authorization": f"Bearer {s.vllm_server_api_key}"} if s.vllm_server_api_key else {}
+    headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key else {}
     fix_reach = "start `vllm serve` or fix GUARDSTREAM_VLLM_SERVER_URL"
     try:
         r = httpx.get(url, headers=headers, timeout=5.0)
@@ -248,14 +249,14 @@ def _probe_server(s: Settings) -> CheckResult:
             f"{where}: not a model list ({type(exc).__name__}: {mask_urls_in(str(exc))})"[:300],
             "set GUARDSTREAM_VLLM_SERVER_URL to the OpenAI API root of `vllm serve` (ending in /v1)",
         )
-    if s.vllm_server_model not in served:
+    if c.model not in served:
         return CheckResult(
             "engine",
             False,
-            f"{where} serves {served}, not {s.vllm_server_model!r}",
+            f"{where} serves {served}, not {c.model!r}",
             "set GUARDSTREAM_VLLM_SERVER_MODEL to the --served-model-name",
         )
-    return CheckResult("engine", True, f"{where} serves {s.vllm_server_model}")
+    return CheckResult("engine", True, f"{where} serves {c.model}")
 
 
 CHECKS: tuple[tuple[str, Callable[..., CheckResult]], ...] = (

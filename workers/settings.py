@@ -2,15 +2,142 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from guard.engines import EngineKind, EngineOptions
+from guard.config import CONFIGS, EngineConfig, EngineKind
+
+_ALL = tuple(EngineKind)
+_CPU, _VLLM, _SERVER, _HF = EngineKind.CPU, EngineKind.VLLM, EngineKind.VLLM_SERVER, EngineKind.TRANSFORMERS
+
+
+@dataclass(frozen=True)
+class EngineVariable:
+    """``GUARDSTREAM_<NAME>`` sets ``field`` of the config of each engine in ``kinds``; its type, default
+    and bounds are that config field's own (``guard.config``; the first kind's, the same in all)."""
+
+    field: str
+    kinds: tuple[EngineKind, ...]
+
+
+# The one map from engine variables to engine config fields. Each is also a Settings field (generated from
+# the config field: same type, default and bounds), so the environment, the settings file, CLI flags and
+# --help see it like any other setting.
+ENGINE_VARIABLES: dict[str, EngineVariable] = {
+    "taxonomy_path": EngineVariable("taxonomy_path", _ALL),
+    # engine requests outstanding at once; None: the engine's own (vllm: 2 x max_num_seqs)
+    "max_in_flight": EngineVariable("max_in_flight", _ALL),
+    "cpu_threshold": EngineVariable("threshold", (_CPU,)),
+    "vllm_model": EngineVariable("model", (_VLLM, _HF)),  # local checkpoint directory or model id
+    "vllm_model_revision": EngineVariable("revision", (_VLLM,)),
+    "vllm_max_model_len": EngineVariable("max_model_len", (_VLLM,)),
+    "vllm_gpu_memory_utilization": EngineVariable("gpu_memory_utilization", (_VLLM,)),
+    # also the vllm-server's: its concurrency defaults to 2 x this
+    "vllm_max_num_seqs": EngineVariable("max_num_seqs", (_VLLM,)),
+    "vllm_tensor_parallel_size": EngineVariable("tensor_parallel_size", (_VLLM,)),
+    # also the media fetcher's decode target and the image budget's unit, whatever the engine
+    "vllm_max_pixels": EngineVariable("max_pixels", (_VLLM, _HF)),
+    "vllm_max_tokens": EngineVariable("max_tokens", (_VLLM, _SERVER, _HF)),
+    "vllm_server_url": EngineVariable("base_url", (_SERVER,)),
+    "vllm_server_model": EngineVariable("model", (_SERVER,)),
+    "vllm_server_api_key": EngineVariable("api_key", (_SERVER,)),
+    "vllm_server_timeout_s": EngineVariable("timeout_s", (_SERVER,)),
+    "vllm_server_dead_after_s": EngineVariable("dead_after_s", (_SERVER,)),
+}
+
+
+class CacheSettings(BaseModel):
+    """The Redis verdict cache."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    enabled: bool = True
+
+
+# Settings groups declared as models, like the engine configs: flat variable -> (group, its field). Each
+# is a generated Settings field too (the group field's type, default and bounds).
+GROUPS: dict[str, type[BaseModel]] = {"cache": CacheSettings}
+GROUP_VARIABLES: dict[str, tuple[str, str]] = {
+    "redis_url": ("cache", "url"),
+    "cache_ttl_s": ("cache", "ttl_s"),
+    "cache_enabled": ("cache", "enabled"),
+}
+
+# Requests in flight to the vllm-server: its config's max_concurrency. Unset: 2 x VLLM_MAX_NUM_SEQS, which
+# keeps the server's running batch full, so the variable is optional where the config field is not.
+SERVER_CONCURRENCY = "vllm_server_concurrency"
+
+
+def _variable_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, (group, field) in GROUP_VARIABLES.items():
+        spec = GROUPS[group].model_fields[field]
+        fields[name] = (spec.annotation, copy.copy(spec))
+    for name, var in ENGINE_VARIABLES.items():
+        spec = CONFIGS[var.kinds[0]].model_fields[var.field]
+        for kind in var.kinds[1:]:  # one variable, one meaning: the configs must agree on it
+            other = CONFIGS[kind].model_fields[var.field]
+            if (other.annotation, other.default) != (spec.annotation, spec.default):
+                raise TypeError(f"{name}: {kind} declares {var.field} unlike {var.kinds[0]}")
+        fields[name] = (spec.annotation, copy.copy(spec))
+    fields[SERVER_CONCURRENCY] = (int | None, Field(None, ge=1, le=4096))
+    return fields
+
+
+if TYPE_CHECKING:  # code reads these typed from Settings.engine_config / the groups, not as flat fields
+
+    class _Variables(BaseSettings):
+        pass
+
+else:
+    _Variables = create_model("_Variables", __base__=BaseSettings, **_variable_fields())
+
+
+def variable(s: Settings, name: str) -> Any:
+    """The value of the generated variable ``name`` (typed code reads ``engine_config`` or the group)."""
+    return getattr(s, name)
+
+
+def group_of(s: Settings, group: str) -> Any:
+    """The settings group ``group`` from its variables (each mapped once, in GROUP_VARIABLES)."""
+    values = {field: variable(s, name) for name, (g, field) in GROUP_VARIABLES.items() if g == group}
+    return GROUPS[group].model_validate(values)
+
+
+def engine_config_of(s: Settings) -> EngineConfig:
+    """The selected engine's config from its variables (each mapped once, in ENGINE_VARIABLES)."""
+    kind = EngineKind(s.engine)
+    values = {var.field: variable(s, name) for name, var in ENGINE_VARIABLES.items() if kind in var.kinds}
+    if kind is EngineKind.VLLM_SERVER:
+        values["max_concurrency"] = variable(s, SERVER_CONCURRENCY) or 2 * variable(s, "vllm_max_num_seqs")
+    try:
+        return CONFIGS[kind].model_validate(values)
+    except ValidationError as exc:  # a derived value out of bounds: name the variables behind the field
+        names = {v.field: f"GUARDSTREAM_{n.upper()}" for n, v in ENGINE_VARIABLES.items() if kind in v.kinds}
+        names["max_concurrency"] = (
+            "GUARDSTREAM_VLLM_SERVER_CONCURRENCY (unset: 2 x GUARDSTREAM_VLLM_MAX_NUM_SEQS)"
+        )
+        raise ValueError(
+            "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+        ) from None
 
 
 class DeliveryMode(StrEnum):
@@ -23,8 +150,10 @@ class ParseErrorPolicy(StrEnum):
     RETRY = "retry"  # moderate it once more on its own, then dead-letter
 
 
-class Settings(BaseSettings):
+class Settings(_Variables):
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
+    _engine_config: EngineConfig | None = PrivateAttr(None)
+    _cache: CacheSettings | None = PrivateAttr(None)
 
     # Kafka
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -64,10 +193,7 @@ class Settings(BaseSettings):
     fetch_concurrency: int = Field(16, ge=1, le=256)
     s3_max_attempts: int = Field(4, ge=1, le=10)
 
-    # Redis verdict cache
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0)
-    cache_enabled: bool = True
+    # Redis verdict cache: REDIS_URL, CACHE_TTL_S, CACHE_ENABLED (GROUP_VARIABLES), read as ``cache``
 
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -75,8 +201,6 @@ class Settings(BaseSettings):
     pause_after_s: float = Field(1.0, gt=0)  # window full this long: pause partitions (backpressure)
 
     # Streaming window and offsets
-    # engine requests outstanding at once; None: the engine's own ``max_in_flight`` (vLLM: 2x max_num_seqs)
-    max_in_flight: int | None = Field(None, ge=1, le=65_536)
     commit_interval_ms: int = Field(1000, ge=10, le=600_000)  # watermark commits (and EOS transactions)
     revoke_timeout_s: float = Field(10.0, ge=0)  # on revoke, wait this long for in-flight work to finish
     shutdown_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, wait this long for in-flight work
@@ -90,27 +214,12 @@ class Settings(BaseSettings):
         64 * 1024, ge=0, le=512 * 1024
     )  # original value kept in a dead letter
 
-    # Engine
+    # Engine: the kind here; every engine variable (GUARDSTREAM_VLLM_*, CPU_THRESHOLD, TAXONOMY_PATH,
+    # MAX_IN_FLIGHT) is a field of _Variables, built into ``engine_config`` below
     engine: EngineKind = EngineKind.CPU
-    taxonomy_path: Path | None = None
     on_parse_error: ParseErrorPolicy = ParseErrorPolicy.DLQ
     engine_retries: int = Field(1, ge=0, le=5)
     publish_reasoning: bool = False
-    cpu_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    vllm_model: str = "yushaohan/ProGuard-7B"  # local checkpoint directory or model id
-    vllm_model_revision: str | None = None
-    vllm_max_model_len: int = Field(8192, ge=1024)
-    vllm_gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
-    vllm_max_num_seqs: int = Field(128, ge=1)
-    vllm_tensor_parallel_size: int = Field(1, ge=1)
-    vllm_max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28)
-    vllm_max_tokens: int = Field(1024, ge=16)
-    vllm_server_url: str = "http://127.0.0.1:8003/v1"
-    vllm_server_model: str = "ProGuard-7B"
-    vllm_server_api_key: str | None = None
-    # requests in flight to the server; None: 2 x VLLM_MAX_NUM_SEQS (keeps the server's running batch full)
-    vllm_server_concurrency: int | None = Field(None, ge=1, le=4096)
-    vllm_server_timeout_s: float = Field(120.0, gt=0)
 
     # Operations
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
@@ -129,24 +238,38 @@ class Settings(BaseSettings):
     # images (~1.5x this): ~1.6 GiB, 0.4 GiB of margin.
     inflight_image_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
 
-    def engine_options(self) -> EngineOptions:
-        return EngineOptions(
-            taxonomy_path=self.taxonomy_path,
-            cpu_threshold=self.cpu_threshold,
-            model=self.vllm_model,
-            model_revision=self.vllm_model_revision,
-            max_model_len=self.vllm_max_model_len,
-            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-            max_num_seqs=self.vllm_max_num_seqs,
-            tensor_parallel_size=self.vllm_tensor_parallel_size,
-            max_pixels=self.vllm_max_pixels,
-            max_tokens=self.vllm_max_tokens,
-            server_url=self.vllm_server_url,
-            server_model=self.vllm_server_model,
-            server_api_key=self.vllm_server_api_key,
-            server_concurrency=self.vllm_server_concurrency,
-            server_timeout_s=self.vllm_server_timeout_s,
-        )
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The selected engine's config, built once from its variables when the settings load."""
+        if self._engine_config is None:  # model_construct(): no validator ran
+            self._engine_config = engine_config_of(self)
+        return self._engine_config
+
+    @property
+    def cache(self) -> CacheSettings:
+        """The verdict cache's settings, built once when the settings load."""
+        if self._cache is None:  # model_construct(): no validator ran
+            self._cache = group_of(self, "cache")
+        return self._cache
+
+    @property
+    def target_pixels(self) -> int:
+        """VLLM_MAX_PIXELS, whatever the engine: the media fetcher decodes no more than the engine uses."""
+        return int(variable(self, "vllm_max_pixels"))
+
+    @model_validator(mode="after")
+    def _build_groups(self) -> Self:
+        self._engine_config = engine_config_of(self)
+        self._cache = group_of(self, "cache")
+        return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """As pydantic's, and the engine config follows an updated setting (model_copy runs no validator)."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._engine_config = engine_config_of(copied)
+            copied._cache = group_of(copied, "cache")
+        return copied
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
         settings.max_image_bytes,
         settings.max_image_pixels,
         settings.fetch_concurrency,
-        target_pixels=settings.vllm_max_pixels,  # the engine's own pixel bound: decode no more than it uses
+        target_pixels=settings.target_pixels,  # the engine's own pixel bound: decode no more than it uses
         decode_budget_bytes=settings.decode_budget_bytes,
     )
 
@@ -38,9 +38,9 @@ def build_moderator(
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
     worker's (it then only prepares records and builds events; the engine is awaited by the worker).
     ``sensor`` (default: the process-wide Prometheus sensor) observes the moderator and its cache."""
-    engine = engine or build_engine(settings.engine, settings.engine_options())
+    engine = engine or build_engine(settings.engine_config)
     sensor = sensor if sensor is not None else default_sensor()
-    cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled, sensor=sensor)
+    cache = VerdictCache(settings.cache.url, settings.cache.ttl_s, settings.cache.enabled, sensor=sensor)
     return Moderator(settings, engine, build_fetcher(settings), cache, sensor=sensor)
 
 
@@ -54,8 +54,7 @@ def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> Stre
 def build_streaming_engine(settings: Settings) -> StreamingEngine:
     """The configured engine on the per-request seam (``guard.engines.build_streaming_engine``)."""
     return guard_build_streaming_engine(
-        settings.engine,
-        settings.engine_options(),
+        settings.engine_config,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
     )

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guard.chat import IMAGE_PLACEHOLDER, p_unsafe_from_logprobs, render_qwen2_5_vl
-from guard.engines import EngineKind, EngineOptions, build_engine, build_streaming_engine
+from guard.engines import EngineKind, build_engine, build_streaming_engine
 from guard.errors import EngineError
 from guard.hf_engine import TransformersEngine
 from guard.parser import format_output
@@ -282,7 +282,7 @@ def test_vllm_engine_failures_are_engine_errors(prompts: PromptSet) -> None:
 
 
 def test_engine_selection_builds_each_backend(server: ChatServer) -> None:
-    eng = build_engine(EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url))
+    eng = build_engine(ServerConfig(base_url=server.url))
     assert isinstance(eng, ServerEngine) and isinstance(eng, GuardEngine)
     assert eng.policy_version.startswith("proguard-")
     eng.close()
@@ -357,7 +357,7 @@ def test_worker_with_server_engine_routes_novel_risks(
     ]
     produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in posts])
     # the worker's own path: the streaming server engine (one request per post, out of order)
-    eng = build_streaming_engine(EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url))
+    eng = build_streaming_engine(ServerConfig(base_url=server.url))
     build_worker(settings, eng).run(until_drained=True)
     verdicts = {
         json.loads(v)["post_id"]: json.loads(v)

@@ -27,7 +27,8 @@ from bench.gpu_sim import (
     proguard_output,
 )
 from bench.sim_server import SimServerProcess
-from guard.engines import EngineOptions, build_streaming_engine
+from guard.config import ServerConfig, VllmConfig
+from guard.engines import build_streaming_engine
 from guard.errors import EngineDeadError
 from guard.parser import parse_output
 from guard.prompts import PromptSet
@@ -153,7 +154,7 @@ def test_async_llm_stand_in_drives_the_vllm_engine(prompts: PromptSet) -> None:
         made.append(llm)
         return llm
 
-    engine = build_streaming_engine("vllm", EngineOptions(), vllm_llm_factory=factory)
+    engine = build_streaming_engine(VllmConfig(), vllm_llm_factory=factory)
     items = [ModerationItem(f"p{i}", f"post {i} about the weekend") for i in range(60)]
     img = Image.new("RGB", (448, 448), (120, 30, 200))
     items.append(ModerationItem("img", None, (img,)))
@@ -182,7 +183,7 @@ def test_async_llm_stand_in_drives_the_vllm_engine(prompts: PromptSet) -> None:
 def test_http_server_drives_the_server_engine(prompts: PromptSet) -> None:
     cfg = replace(SimConfig(), time_scale=0.0)
     with SimServerProcess(free_port(), cfg) as srv:
-        engine = build_streaming_engine("vllm-server", EngineOptions(server_url=srv.url))
+        engine = build_streaming_engine(ServerConfig(base_url=srv.url))
         img = Image.new("RGB", (280, 280), (10, 200, 30))
         items = [ModerationItem(f"p{i}", f"post {i} about the weekend") for i in range(20)]
         items.append(ModerationItem("img", "look at this", (img,)))
@@ -232,7 +233,7 @@ def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Setti
         return made[-1]
 
     s = settings.model_copy(update={"engine": "vllm"})
-    engine = build_streaming_engine("vllm", s.engine_options(), vllm_llm_factory=factory)
+    engine = build_streaming_engine(s.engine_config, vllm_llm_factory=factory)
     worker = build_worker(s, engine)
     worker.keep_outcomes = True
     worker.run(until_drained=True)

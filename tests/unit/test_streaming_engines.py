@@ -20,7 +20,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from guard.chat import IMAGE_PLACEHOLDER, render_qwen2_5_vl
-from guard.engines import EngineKind, EngineOptions, build_streaming_engine
+from guard.config import CpuConfig, EngineConfig, TransformersConfig
+from guard.engines import EngineKind, build_streaming_engine
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import format_output
 from guard.prompts import PromptSet
@@ -31,6 +32,7 @@ from guard.types import ModerationItem, StreamingEngine, Verdict
 from guard.vllm_engine import AsyncVllmEngine, VllmConfig
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize
+from workers.settings import Settings
 
 T = TypeVar("T")
 P_CONFIDENT = math.exp(-0.05) / (math.exp(-0.05) + math.exp(-3.0))
@@ -442,12 +444,13 @@ def test_server_engine_shards_its_pool_and_fills_every_shard_without_overfilling
 
 
 def test_server_engine_default_concurrency_is_twice_max_num_seqs(server: ChatServer) -> None:
-    eng = build_streaming_engine(EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url))
+    # the settings derive the concurrency (VLLM_SERVER_CONCURRENCY unset) from VLLM_MAX_NUM_SEQS
+    s = Settings(engine="vllm-server", vllm_server_url=server.url)
+    eng = build_streaming_engine(s.engine_config)
     assert isinstance(eng, AsyncServerEngine) and isinstance(eng, StreamingEngine)
     assert eng.config.max_concurrency == 256 and eng.max_in_flight == 256
-    eng2 = build_streaming_engine(
-        EngineKind.VLLM_SERVER, EngineOptions(server_url=server.url, max_num_seqs=64, max_in_flight=300)
-    )
+    s2 = Settings(engine="vllm-server", vllm_server_url=server.url, vllm_max_num_seqs=64, max_in_flight=300)
+    eng2 = build_streaming_engine(s2.engine_config)
     assert isinstance(eng2, AsyncServerEngine)
     assert eng2.config.max_concurrency == 128 and eng2.max_in_flight == 300
 
@@ -810,11 +813,10 @@ def test_micro_batcher_skips_cancelled_requests_and_flushes_on_close() -> None:
 def test_build_streaming_engine_selects_each_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     import guard.engines
 
-    built: list[tuple[EngineKind, EngineOptions]] = []
+    built: list[EngineConfig] = []
 
-    def fake_build_engine(kind: EngineKind | str, options: EngineOptions | None = None) -> BatchEngine:
-        assert options is not None
-        built.append((EngineKind(kind), options))
+    def fake_build_engine(config: EngineConfig) -> BatchEngine:
+        built.append(config)
         return BatchEngine()
 
     monkeypatch.setattr(guard.engines, "build_engine", fake_build_engine)  # no MiniLM load in this test
@@ -822,10 +824,10 @@ def test_build_streaming_engine_selects_each_backend(monkeypatch: pytest.MonkeyP
     assert isinstance(cpu, MicroBatcher) and isinstance(cpu, StreamingEngine)
     assert (cpu.max_batch_size, cpu.max_wait_s, cpu.max_in_flight) == (16, 0.01, 32)
     assert isinstance(cpu.engine, BatchEngine)
-    opts = EngineOptions(max_in_flight=5)
-    hf = build_streaming_engine("transformers", opts, max_batch_size=4)
+    opts = TransformersConfig(max_in_flight=5)
+    hf = build_streaming_engine(opts, max_batch_size=4)
     assert isinstance(hf, MicroBatcher) and hf.max_in_flight == 5
-    assert built == [(EngineKind.CPU, EngineOptions()), (EngineKind.TRANSFORMERS, opts)]
+    assert built == [CpuConfig(), opts]
 
     async def judge_cpu() -> Verdict:
         v = await cpu.judge(ModerationItem("x", "bad"))
@@ -843,7 +845,7 @@ def test_build_streaming_engine_selects_each_backend(monkeypatch: pytest.MonkeyP
         return llm
 
     v = build_streaming_engine(
-        "vllm", EngineOptions(model="/m", max_num_seqs=64, max_tokens=512), vllm_llm_factory=factory
+        VllmConfig(model="/m", max_num_seqs=64, max_tokens=512), vllm_llm_factory=factory
     )
     assert isinstance(v, AsyncVllmEngine) and v.max_in_flight == 128
     assert seen["model"] == "/m" and seen["max_num_seqs"] == 64 and v.sampling_params.max_tokens == 512

@@ -182,7 +182,10 @@ def load_settings(**overrides: Any) -> Settings:
 def describe_validation(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors():
-        field = str(e["loc"][0]) if e.get("loc") else "?"
+        if not e.get("loc"):  # a check across settings: its message names the variables
+            parts.append(e["msg"])
+            continue
+        field = str(e["loc"][0])
         flag = "--" + field.replace("_", "-")
         parts.append(f"{flag} / {env_name(field)}={e.get('input')!r}: {e['msg']}")
     return "; ".join(parts)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from guard.config import CpuConfig
 from workers.cli.base import (
     CliError,
     EngineOpt,
@@ -82,7 +83,7 @@ def demo(
         stack = LocalStack(
             broker_port=free_port(),
             s3_port=free_port(),
-            redis_url=base.redis_url,
+            redis_url=base.cache.url,
             # a Redis the demo starts is stopped at the end; its cache is kept here for the next run
             redis_data_dir=".guardstream/redis",
         ).start()
@@ -135,9 +136,12 @@ def demo(
         if alerts_proc is not None:
             show_alert(s, alerts_proc, out)
         if replay_threshold is not None:
+            live: object = s.engine.value
+            if isinstance(s.engine_config, CpuConfig):
+                live = s.engine_config.threshold or "the head's, 0.5"
             out.print(
                 f"\n[bold]audit replay[/] of the whole feed with the CPU engine at threshold "
-                f"{replay_threshold} (live run: {s.cpu_threshold})"
+                f"{replay_threshold} (live run: {live})"
             )
             run_replay(
                 s.model_copy(update={"cpu_threshold": replay_threshold, "cache_enabled": False}),

@@ -40,7 +40,7 @@ def training_exporter(s: Settings) -> TrainingExporter:
 
     return TrainingExporter(
         s.bootstrap_servers,
-        PromptSet(Taxonomy.load(s.taxonomy_path)),
+        PromptSet(Taxonomy.load(s.engine_config.taxonomy_path)),
         build_fetcher(s),
         posts_topic=s.posts_topic,
         verdicts_topic=s.verdicts_topic,

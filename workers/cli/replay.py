@@ -99,7 +99,7 @@ def run_replay(
         prog.update(task, total=prog.tasks[0].completed)  # the estimate is an upper bound on some brokers
     eng = moderator.engine
     ctx = ReportContext(
-        topic, eng.name, eng.model_version, eng.policy_version, Taxonomy.load(s.taxonomy_path)
+        topic, eng.name, eng.model_version, eng.policy_version, Taxonomy.load(s.engine_config.taxonomy_path)
     )
     # cumulative over every run of this replay id (a resumed or repeated run reports the whole replay)
     report, html_path = write_reports(

@@ -60,7 +60,7 @@ def review(
     s = load_settings(bootstrap_servers=bootstrap_servers, taxonomy_path=taxonomy_path)
     try:
         ev = build_review(
-            Taxonomy.load(s.taxonomy_path),
+            Taxonomy.load(s.engine_config.taxonomy_path),
             post_id=post_id,
             unsafe=unsafe,
             category=category,

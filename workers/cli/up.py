@@ -57,7 +57,7 @@ def up(
     )
     try:
         stack = LocalStack(
-            broker_port=broker_port, s3_port=s3_port, redis_url=s.redis_url, storage=storage
+            broker_port=broker_port, s3_port=s3_port, redis_url=s.cache.url, storage=storage
         ).start()
     except StackError as exc:  # a busy port, no redis-server: one line, exit 1, nothing left running
         raise CliError(str(exc)) from None
@@ -68,7 +68,7 @@ def up(
             "stack_up",
             broker=stack.broker.bootstrap,
             s3=stack.s3.endpoint,
-            redis=mask_url(s.redis_url),
+            redis=mask_url(s.cache.url),
             topics=list(worker_topics(s)),
             bucket=s.allowed_buckets[0],
             hint="Ctrl-C to stop",

@@ -523,7 +523,7 @@ def build_console(settings: ConsoleSettings, *, publish: Callable[[Any], None] |
     return Console(
         settings=settings,
         store=QueueStore(settings.store_url, settings.console_prefix, settings.console_lease_s),
-        taxonomy=Taxonomy.load(settings.taxonomy_path),
+        taxonomy=Taxonomy.load(settings.engine_config.taxonomy_path),
         fetcher=build_fetcher(settings),
         clusters=ClusterView(settings),
         audits=AuditView(settings),

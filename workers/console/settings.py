@@ -44,7 +44,7 @@ class ConsoleSettings(Settings):
 
     @property
     def store_url(self) -> str:
-        return self.console_redis_url or self.redis_url
+        return self.console_redis_url or self.cache.url
 
     @property
     def tokens(self) -> dict[str, str]:

@@ -205,7 +205,7 @@ class KafkaWorker:
         self.engine = engine
         self._on_event = on_event
         self.sensor = sensor if sensor is not None else moderator.sensor
-        self.max_in_flight = settings.max_in_flight or max(1, engine.max_in_flight)
+        self.max_in_flight = settings.engine_config.max_in_flight or max(1, engine.max_in_flight)
         self._broker_down_since: float | None = None
         self._next_probe = 0.0
         self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
@@ -229,7 +229,7 @@ class KafkaWorker:
         self._media_held: list[tuple[int, Record]] = []  # S3 unavailable: prepared again after backoff
         # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
         # decoded image posts that do not fit wait here, unfetched, and admission stops (backpressure)
-        self.images = ImageBudget.for_target(settings.inflight_image_bytes, settings.vllm_max_pixels)
+        self.images = ImageBudget.for_target(settings.inflight_image_bytes, settings.target_pixels)
         self._budget_held: list[tuple[int, Prepared]] = []
         self._engine_outage = _Outage("engine", settings.engine_deadline_s, settings.outage_backoff_s)
         self._media_outage = _Outage("media", settings.media_deadline_s, settings.outage_backoff_s)
