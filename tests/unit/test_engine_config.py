@@ -109,7 +109,8 @@ def test_model_copy_rebuilds_the_engine_config() -> None:
     s = Settings()
     t = s.model_copy(update={"cpu_threshold": 0.9})
     assert isinstance(t.engine_config, CpuConfig) and t.engine_config.threshold == 0.9
-    assert isinstance(s.engine_config, CpuConfig) and s.engine_config.threshold == 0.5
+    # unset: the shipped head's own operating point (guard.cpu.CpuEngine reads it from the head)
+    assert isinstance(s.engine_config, CpuConfig) and s.engine_config.threshold is None
     v = s.model_copy(update={"engine": "vllm", "vllm_model": "/m"})
     assert isinstance(v.engine_config, VllmConfig) and v.engine_config.model == "/m"
     assert isinstance(Settings.model_construct().engine_config, CpuConfig)  # no validator ran
@@ -166,7 +167,7 @@ def test_engine_variables_are_settings_with_the_configs_defaults() -> None:
     assert _default_text("vllm_max_num_seqs") == "128"
     assert _default_text("vllm_server_concurrency") == "unset"
     assert _default_text("vllm_server_dead_after_s") == "15.0"
-    assert _default_text("cpu_threshold") == "0.5"
+    assert _default_text("cpu_threshold") == "unset"  # the head's operating point (0.5 for the shipped head)
     assert _default_text("engine") == "cpu"
     assert unknown_variables({"GUARDSTREAM_VLLM_SERVER_DEAD_AFTER_S": "3"}) == []
     assert (

@@ -183,7 +183,7 @@ def replay(
             max=1.0,
             envvar="GUARDSTREAM_CPU_THRESHOLD",
             show_envvar=True,
-            show_default="0.5",
+            show_default="the head's operating point, 0.5",
         ),
     ] = None,
 ) -> int:
