@@ -12,7 +12,7 @@ from guard.streaming import MicroBatcher
 from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
 from workers.kafka.worker import KafkaWorker
-from workers.media import MediaFetcher, make_s3_client
+from workers.media import ImageFetcher, MediaFetcher, make_s3_client
 from workers.pipeline.moderator import Moderator
 from workers.settings import Settings
 
@@ -31,12 +31,18 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
     )
 
 
-def build_moderator(settings: Settings, engine: GuardEngine | StreamingEngine | None = None) -> Moderator:
+def build_moderator(
+    settings: Settings,
+    engine: GuardEngine | StreamingEngine | None = None,
+    *,
+    fetcher: ImageFetcher | None = None,
+) -> Moderator:
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
-    worker's (it then only prepares records and builds events; the engine is awaited by the worker)."""
+    worker's (it then only prepares records and builds events; the engine is awaited by the worker).
+    ``fetcher``: the image fetcher to use instead of the S3 one built from the settings (a test seam)."""
     engine = engine or build_engine(settings.engine, settings.engine_options())
     cache = VerdictCache(settings.redis_url, settings.cache_ttl_s, settings.cache_enabled)
-    return Moderator(settings, engine, build_fetcher(settings), cache)
+    return Moderator(settings, engine, fetcher if fetcher is not None else build_fetcher(settings), cache)
 
 
 def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> StreamingEngine:
@@ -57,9 +63,14 @@ def build_streaming_engine(settings: Settings) -> StreamingEngine:
 
 
 def build_worker(
-    settings: Settings, engine: GuardEngine | StreamingEngine | None = None, **kw: Any
+    settings: Settings,
+    engine: GuardEngine | StreamingEngine | None = None,
+    *,
+    fetcher: ImageFetcher | None = None,
+    **kw: Any,
 ) -> KafkaWorker:
     """The streaming worker. ``engine``: a streaming engine, or a batch one (wrapped in a MicroBatcher);
-    default: the configured engine. ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
+    default: the configured engine. ``fetcher``: instead of the S3 fetcher built from the settings (a
+    test seam). ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
     eng = streaming(settings, engine) if engine is not None else build_streaming_engine(settings)
-    return KafkaWorker(settings, build_moderator(settings, eng), eng, **kw)
+    return KafkaWorker(settings, build_moderator(settings, eng, fetcher=fetcher), eng, **kw)

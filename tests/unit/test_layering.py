@@ -48,7 +48,7 @@ TRAINING_ALLOWED_IN_WORKERS = ("workers/cli/",)
 WORKERS_LAYERS: tuple[tuple[str, ...], ...] = (
     ("workers.settings", "workers.secrets", "workers.observability"),
     ("workers.media", "workers.cache"),
-    ("workers.pipeline",),
+    ("workers.pipeline", "workers.testing"),  # testing: fakes of the pipeline's seams
     ("workers.kafka",),
     (
         "workers.wiring",

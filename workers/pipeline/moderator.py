@@ -20,8 +20,8 @@ from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngin
 from schemas.codec import DecodeError, decode_post
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
-from workers.cache import ContentKeyer, VerdictCache
-from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
+from workers.cache import ContentKeyer, VerdictStore
+from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.observability import metrics
 from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
 from workers.settings import ParseErrorPolicy, Settings
@@ -65,8 +65,8 @@ class Moderator:
         self,
         settings: Settings,
         engine: GuardEngine | StreamingEngine,
-        fetcher: MediaFetcher | None,
-        cache: VerdictCache | None,
+        fetcher: ImageFetcher | None,
+        cache: VerdictStore | None,
     ) -> None:
         self.settings = settings
         self.engine = engine
