@@ -20,7 +20,7 @@ from PIL import Image
 
 from guard.parser import format_output
 from guard.prompts import PromptSet
-from guard.types import EngineError, EngineRequestError, ModerationItem, Verdict
+from guard.types import EngineDeadError, EngineError, EngineRequestError, ModerationItem, Verdict
 from infra.stack import free_port
 from schemas.events import DeadLetterEvent, ErrorCode, VerdictEvent
 from schemas.wire import CachedVerdict
@@ -367,6 +367,14 @@ def test_an_engine_failing_every_call_dead_letters_every_post(settings: Settings
     m = Moderator(settings.model_copy(update={"engine_retries": 0}), engine, None, None)
     out = m.process(records_of([make_post(p, p) for p in "abc"]))
     assert codes(out) == [ErrorCode.ENGINE_FAILED] * 3
+
+
+def test_a_dead_engine_fails_the_call_and_dead_letters_nothing(settings: Settings) -> None:
+    engine = FakeBatchEngine(fail=lambda _it: EngineDeadError("CUDA error: an illegal memory access"))
+    m = Moderator(settings.model_copy(update={"engine_retries": 2}), engine, None, None)
+    with pytest.raises(EngineDeadError, match="illegal memory access"):
+        m.process(records_of([make_post(p, p) for p in "abcd"]))
+    assert engine.calls == [["a", "b", "c", "d"]]  # not retried, not bisected: no post is to blame
 
 
 @pytest.mark.parametrize("policy", [ParseErrorPolicy.DLQ, ParseErrorPolicy.RETRY])

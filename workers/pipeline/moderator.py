@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from guard.types import EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
+from guard.types import EngineDeadError, EngineError, GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import DecodeError, decode_post
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
@@ -182,8 +182,9 @@ class Moderator:
 
     # ---------------------------------------------------------------- infer
     def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
-        """The batch path (replay, offline tools): an S3 outage fails the call instead of becoming dead
-        letters (the streaming worker holds such records and retries them)."""
+        """The batch path (replay, offline tools): an S3 outage (``MediaUnavailable``) or a dead engine
+        (``EngineDeadError``) fails the call instead of becoming dead letters (the streaming worker holds
+        such records and retries them)."""
         down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
         if down is not None:
             raise MediaUnavailable(down)
@@ -272,6 +273,11 @@ class Moderator:
                 verdicts = engine.moderate(batch)
                 if len(verdicts) != len(batch):
                     raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
+            except EngineDeadError:
+                # the engine is gone, no post is to blame: never retried item by item nor dead-lettered
+                # (the caller's outage, like MediaUnavailable in ``infer``)
+                metrics.ENGINE_FAILURES.inc()
+                raise
             except Exception as exc:
                 metrics.ENGINE_FAILURES.inc()
                 last = exc
