@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -58,28 +59,68 @@ def cpu_engine(prompts: PromptSet) -> CpuEngine:
     return CpuEngine(prompts)
 
 
+# Addresses nothing listens on (the discard port): a unit test that reaches for a service by mistake gets
+# a refused connection at once, never someone's broker, bucket or Redis.
+UNREACHABLE = "127.0.0.1:9"
+
+
 @pytest.fixture
-def settings(services: Services) -> Settings:
-    """Settings with topics and group unique to this test; the topics already exist. The verdict cache
-    starts empty (a test that moderated the same content earlier would otherwise turn misses into hits)."""
-    redis.Redis.from_url(services.redis_url).flushdb()
+def settings() -> Settings:
+    """Settings with topics and group unique to this test, and no service behind them: nothing is started
+    or contacted (unit tests). A test that needs the broker, S3 or Redis asks for ``kafka_settings``."""
     sfx = uuid.uuid4().hex[:8]
-    s = Settings(
-        bootstrap_servers=services.broker.bootstrap,
+    return Settings(
+        bootstrap_servers=UNREACHABLE,
         group_id=f"gs-test-{sfx}",
         posts_topic=f"posts-{sfx}",
         verdicts_topic=f"verdicts-{sfx}",
         novel_risk_topic=f"novel-{sfx}",
         dlq_topic=f"dlq-{sfx}",
-        s3_endpoint_url=services.s3.endpoint,
+        s3_endpoint_url=f"http://{UNREACHABLE}",
         allowed_buckets=[BUCKET],
-        redis_url=services.redis_url,
+        redis_url=f"redis://{UNREACHABLE}/0",
         session_timeout_ms=6000,
         max_batch_size=8,
         max_wait_ms=50,
         produce_timeout_s=10,
     )
+
+
+@pytest.fixture
+def kafka_settings(settings: Settings, services: Services) -> Settings:
+    """``settings`` pointed at the real local services (broker, S3 server, Redis); the topics already
+    exist. The verdict cache starts empty (a test that moderated the same content earlier would otherwise
+    turn misses into hits)."""
+    redis.Redis.from_url(services.redis_url).flushdb()
+    s = settings.model_copy(
+        update={
+            "bootstrap_servers": services.broker.bootstrap,
+            "s3_endpoint_url": services.s3.endpoint,
+            "redis_url": services.redis_url,
+        }
+    )
     create_topics(
         s.bootstrap_servers, {s.posts_topic: 3, s.verdicts_topic: 3, s.novel_risk_topic: 1, s.dlq_topic: 1}
     )
     return s
+
+
+# fixtures that start or contact the real services; a unit test must not depend on one, even indirectly
+SERVICE_FIXTURES = frozenset({"services", "kafka_settings"})
+UNIT_DIR = Path(__file__).parent / "unit"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail (not skip) a unit test that requests a service fixture, directly or through another fixture,
+    before any fixture is set up: unit tests run with fakes (``workers.testing``), the services are for
+    ``integration`` and ``chaos``."""
+    if not item.path.is_relative_to(UNIT_DIR):
+        return
+    wanted = sorted(SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if wanted:
+        pytest.fail(
+            f"{item.nodeid} is a unit test but requests {wanted}: use the fakes in workers.testing, "
+            "or move it to tests/integration",
+            pytrace=False,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import redis
 import structlog
@@ -103,6 +104,17 @@ class CircuitBreaker:
         self._open_until = self._clock() + self._cooldown
         self._sensor.on_cache_breaker(True)
         log.warning("redis_breaker_open", cooldown_s=round(self._cooldown, 3))
+
+
+class VerdictStore(Protocol):
+    """What the pipeline needs from a verdict cache (``VerdictCache``;
+    ``workers.testing.InMemoryVerdictCache``). Neither call raises for an outage: it degrades to misses."""
+
+    def get_many(self, keys: Sequence[str]) -> list[CachedVerdict | None]: ...
+
+    def put_many(self, entries: Sequence[tuple[str, CachedVerdict]]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class VerdictCache:

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -398,6 +398,16 @@ def release_large_allocations_to_os(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, threshold))
     except (OSError, AttributeError):
         return False
+
+
+class ImageFetcher(Protocol):
+    """What the pipeline needs from a fetcher (``MediaFetcher``; ``workers.testing.FakeMediaFetcher``)."""
+
+    def fetch_posts(
+        self, refs_per_post: Sequence[Sequence[ImageRef]]
+    ) -> list[list[FetchedImage] | MediaError]: ...
+
+    def close(self) -> None: ...
 
 
 class MediaFetcher:

@@ -12,7 +12,7 @@ from guard.streaming import MicroBatcher
 from guard.types import GuardEngine, StreamingEngine
 from workers.cache import VerdictCache
 from workers.kafka.worker import KafkaWorker
-from workers.media import MediaFetcher, make_s3_client
+from workers.media import ImageFetcher, MediaFetcher, make_s3_client
 from workers.observability.sensors import Sensor, default_sensor
 from workers.pipeline.moderator import Moderator
 from workers.settings import Settings
@@ -33,15 +33,21 @@ def build_fetcher(settings: Settings) -> MediaFetcher:
 
 
 def build_moderator(
-    settings: Settings, engine: GuardEngine | StreamingEngine | None = None, *, sensor: Sensor | None = None
+    settings: Settings,
+    engine: GuardEngine | StreamingEngine | None = None,
+    *,
+    sensor: Sensor | None = None,
+    fetcher: ImageFetcher | None = None,
 ) -> Moderator:
     """The batch-path moderator (replay, training export, benchmarks) or, given a streaming engine, the
     worker's (it then only prepares records and builds events; the engine is awaited by the worker).
-    ``sensor`` (default: the process-wide Prometheus sensor) observes the moderator and its cache."""
+    ``sensor`` (default: the process-wide Prometheus sensor) observes the moderator and its cache;
+    ``fetcher``: the image fetcher to use instead of the S3 one built from the settings (a test seam)."""
     engine = engine or build_engine(settings.engine_config)
     sensor = sensor if sensor is not None else default_sensor()
     cache = VerdictCache(settings.cache.url, settings.cache.ttl_s, settings.cache.enabled, sensor=sensor)
-    return Moderator(settings, engine, build_fetcher(settings), cache, sensor=sensor)
+    fetcher = fetcher if fetcher is not None else build_fetcher(settings)
+    return Moderator(settings, engine, fetcher, cache, sensor=sensor)
 
 
 def streaming(settings: Settings, engine: GuardEngine | StreamingEngine) -> StreamingEngine:
@@ -65,12 +71,14 @@ def build_worker(
     engine: GuardEngine | StreamingEngine | None = None,
     *,
     sensor: Sensor | None = None,
+    fetcher: ImageFetcher | None = None,
     **kw: Any,
 ) -> KafkaWorker:
     """The streaming worker. ``engine``: a streaming engine, or a batch one (wrapped in a MicroBatcher);
     default: the configured engine. ``sensor``: one for the cache, the moderator, the engine loop and the
-    Kafka loop (default: the process-wide Prometheus sensor). ``kw`` goes to ``KafkaWorker``
-    (``on_event``)."""
+    Kafka loop (default: the process-wide Prometheus sensor). ``fetcher``: instead of the S3 fetcher
+    built from the settings (a test seam). ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
     eng = streaming(settings, engine) if engine is not None else build_streaming_engine(settings)
     sensor = sensor if sensor is not None else default_sensor()
-    return KafkaWorker(settings, build_moderator(settings, eng, sensor=sensor), eng, sensor=sensor, **kw)
+    moderator = build_moderator(settings, eng, sensor=sensor, fetcher=fetcher)
+    return KafkaWorker(settings, moderator, eng, sensor=sensor, **kw)

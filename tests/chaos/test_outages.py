@@ -65,9 +65,9 @@ def memory_broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 def test_broker_outage_past_the_deadline_exits_with_a_clear_error(
-    settings: Settings, memory_broker: Broker, cpu_engine: CpuEngine
+    kafka_settings: Settings, memory_broker: Broker, cpu_engine: CpuEngine
 ) -> None:
-    s = own_broker_settings(settings, memory_broker, broker_deadline_s=3.0)
+    s = own_broker_settings(kafka_settings, memory_broker, broker_deadline_s=3.0)
     ids = feed(s, 12, "down")
     worker = build_worker(s, cpu_engine)
     killed_at: list[float] = []
@@ -105,7 +105,7 @@ class Observer:
 
 
 def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
 ) -> None:
     """Tansu on s3:// storage (the moto server): kill -9 the broker while the worker is running, start
     it again on the same storage once the worker has noticed; the worker rides the outage out (it is
@@ -121,7 +121,7 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
         # short commit intervals and a small window: on_batch (called per commit) sees the run a third
         # of the way through, with most of the feed still to do when the broker goes
         s = own_broker_settings(
-            settings,
+            kafka_settings,
             broker,
             broker_deadline_s=60.0,
             cache_enabled=False,
@@ -186,11 +186,11 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
 
 
 def test_slow_engine_pauses_partitions_and_keeps_group_membership(
-    settings: Settings, cpu_engine: CpuEngine
+    kafka_settings: Settings, cpu_engine: CpuEngine
 ) -> None:
     """The first batch takes longer than max.poll.interval.ms: a worker that stopped polling would be
     thrown out of the group and fail its commit; this one pauses, keeps polling and commits."""
-    s = settings.model_copy(
+    s = kafka_settings.model_copy(
         update={"pause_after_s": 0.2, "kafka_extra": {"max.poll.interval.ms": "7000"}, "cache_enabled": False}
     )
     ids = feed(s, 40, "slow")
@@ -206,8 +206,10 @@ def test_slow_engine_pauses_partitions_and_keeps_group_membership(
     assert set(counts) == ids and max(counts.values()) == 1
 
 
-def test_rebalance_during_a_slow_batch_publishes_it_once(settings: Settings, cpu_engine: CpuEngine) -> None:
-    s = settings.model_copy(update={"pause_after_s": 0.1, "cache_enabled": False})
+def test_rebalance_during_a_slow_batch_publishes_it_once(
+    kafka_settings: Settings, cpu_engine: CpuEngine
+) -> None:
+    s = kafka_settings.model_copy(update={"pause_after_s": 0.1, "cache_enabled": False})
     ids = feed(s, 60, "reb")
     per_partition = Counter(r.partition for r in read_records(s.bootstrap_servers, s.posts_topic))
     # every partition holds more than the one batch the first worker can have in flight: whichever

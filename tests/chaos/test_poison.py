@@ -58,7 +58,7 @@ def test_content_hasher_is_total_on_any_str() -> None:
 
 
 @pytest.mark.integration
-def test_mixed_poison_stream_never_stops_the_worker(settings: Settings, services: Services) -> None:
+def test_mixed_poison_stream_never_stops_the_worker(kafka_settings: Settings, services: Services) -> None:
     s3 = services.s3_client()
     prefix = uuid.uuid4().hex
     gif = seeds()["gif_animated"]
@@ -110,16 +110,18 @@ def test_mixed_poison_stream_never_stops_the_worker(settings: Settings, services
         ("junk", b"{not json", ErrorCode.INVALID_JSON.value),
         ("v4", post("v4", "a", "two images", images=img("ok.png") * 2), "verdict"),
     ]
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(k.encode(), v) for k, v, _ in feed])
+    produce_all(
+        kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(k.encode(), v) for k, v, _ in feed]
+    )
 
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
         "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
         "GUARDSTREAM_ALLOWED_BUCKETS": BUCKET,
         "GUARDSTREAM_REDIS_URL": services.redis_url,
@@ -139,8 +141,10 @@ def test_mixed_poison_stream_never_stops_the_worker(settings: Settings, services
     assert run.returncode == 0, logs[-3000:]
     (stopped,) = [json.loads(x) for x in logs.splitlines() if '"worker_stopped"' in x]
     assert stopped["consumed"] == len(feed)
-    verdicts = [json.loads(x) for x in read_topic(settings.bootstrap_servers, settings.verdicts_topic)]
-    dlq = [json.loads(x) for x in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
+    verdicts = [
+        json.loads(x) for x in read_topic(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic)
+    ]
+    dlq = [json.loads(x) for x in read_topic(kafka_settings.bootstrap_servers, kafka_settings.dlq_topic)]
     got: dict[str, list[str]] = {}
     for v in verdicts:
         got.setdefault(v["post_id"], []).append("verdict")

@@ -160,11 +160,11 @@ def test_alert_names_its_most_recent_members_bounded() -> None:
 
 
 @pytest.fixture
-def alert_settings(settings: Settings) -> Settings:
-    s = settings.model_copy(
+def alert_settings(kafka_settings: Settings) -> Settings:
+    s = kafka_settings.model_copy(
         update={
-            "alerts_topic": settings.posts_topic + "-alerts",
-            "alerts_app_id": "alerts-" + settings.group_id,
+            "alerts_topic": kafka_settings.posts_topic + "-alerts",
+            "alerts_app_id": "alerts-" + kafka_settings.group_id,
         }
     )
     create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1})

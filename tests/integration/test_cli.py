@@ -295,17 +295,17 @@ def cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subpr
 
 
 @pytest.mark.integration
-def test_topics_create_is_idempotent(settings: Settings) -> None:
+def test_topics_create_is_idempotent(kafka_settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
     sfx = uuid.uuid4().hex[:8]
     names = {
         f"GUARDSTREAM_{k}_TOPIC": f"{k.lower()}-{sfx}" for k in ("POSTS", "VERDICTS", "REVIEWS", "ALERTS")
     }
-    env = clean_env(GUARDSTREAM_BOOTSTRAP_SERVERS=settings.bootstrap_servers, **names)
+    env = clean_env(GUARDSTREAM_BOOTSTRAP_SERVERS=kafka_settings.bootstrap_servers, **names)
     first = cli(["topics", "create", "--partitions", "4"], env)
     assert first.returncode == 0, first.stderr[-2000:]
-    md = AdminClient({"bootstrap.servers": settings.bootstrap_servers}).list_topics(timeout=10)
+    md = AdminClient({"bootstrap.servers": kafka_settings.bootstrap_servers}).list_topics(timeout=10)
     assert len(md.topics[f"posts-{sfx}"].partitions) == 4 and len(md.topics[f"reviews-{sfx}"].partitions) == 1
     again = cli(["topics", "create", "--partitions", "4"], env)
     assert again.returncode == 0 and "created" not in again.stdout and "exists" in again.stdout
@@ -313,7 +313,7 @@ def test_topics_create_is_idempotent(settings: Settings) -> None:
 
 @pytest.mark.integration
 def test_produce_uploads_images_and_tail_follows_the_worker(
-    settings: Settings, services: Services, cpu_engine: Any, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: Any, tmp_path: Path
 ) -> None:
     from guard.samples import drawn_image, png_bytes
     from workers.wiring import build_worker
@@ -347,7 +347,7 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
     ]
     feed = tmp_path / "posts.jsonl"
     feed.write_text("# hand-written posts\n" + "\n".join(json.dumps(p) for p in posts) + "\n")
-    env = stack_env(settings)
+    env = stack_env(kafka_settings)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(posts[0]) + "\n{not json\n")
@@ -355,12 +355,15 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
     assert (
         refused.returncode == 1 and "line 2: not JSON" in refused.stderr and "Traceback" not in refused.stderr
     )
-    assert read_topic(settings.bootstrap_servers, settings.posts_topic, timeout_s=5) == []  # nothing sent
+    assert (
+        read_topic(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, timeout_s=5) == []
+    )  # nothing sent
 
     r = cli(["produce", str(feed)], env)
     assert r.returncode == 0 and "produced 3 posts" in r.stdout and "uploaded 2 images" in r.stdout, r.stderr
     sent = {
-        p["post_id"]: p for p in map(json.loads, read_topic(settings.bootstrap_servers, settings.posts_topic))
+        p["post_id"]: p
+        for p in map(json.loads, read_topic(kafka_settings.bootstrap_servers, kafka_settings.posts_topic))
     }
     assert set(sent) == {p["post_id"] for p in posts}
     s3 = services.s3_client()
@@ -374,7 +377,7 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
     sample = cli(["produce", "--sample", "20"], env)
     assert sample.returncode == 0 and "produced 20 posts" in sample.stdout, sample.stderr
 
-    stats = build_worker(settings, cpu_engine).run(until_drained=True)
+    stats = build_worker(kafka_settings, cpu_engine).run(until_drained=True)
     assert stats.consumed == 24
     n_out = stats.verdicts + stats.dead_letters
     assert stats.dead_letters > 0

@@ -102,8 +102,8 @@ class Posts:
 
 
 @pytest.fixture
-def cs(settings: Settings) -> ConsoleSettings:
-    return console_settings(settings)
+def cs(kafka_settings: Settings) -> ConsoleSettings:
+    return console_settings(kafka_settings)
 
 
 @pytest.fixture

@@ -76,10 +76,10 @@ def seed_alert(bootstrap: str, topic: str, members: list[str]) -> None:
 
 @pytest.mark.integration
 def test_reviewer_clears_the_image_queue_with_the_keyboard(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
 ) -> None:
     t0 = time.monotonic()
-    cs = console_settings(settings)
+    cs = console_settings(kafka_settings)
     shots = os.environ.get("GUARDSTREAM_SCREENSHOTS")
 
     # --- a moderated feed: the demo posts through the worker with the CPU engine

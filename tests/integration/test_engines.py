@@ -343,7 +343,7 @@ def test_canned_answers_are_valid_json_roundtrip() -> None:
 
 @pytest.mark.integration
 def test_worker_with_server_engine_routes_novel_risks(
-    server: ChatServer, settings: Any, services: Any
+    server: ChatServer, kafka_settings: Any, services: Any
 ) -> None:
     from workers.demo.sample_feed import post
     from workers.kafka.topics import produce_all, read_topic
@@ -355,16 +355,18 @@ def test_worker_with_server_engine_routes_novel_risks(
         post("n3", "a3", "hello friends"),
         post("n4", "a4", "garbled"),
     ]
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in posts])
+    produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, p) for p in posts])
     # the worker's own path: the streaming server engine (one request per post, out of order)
     eng = build_streaming_engine(ServerConfig(base_url=server.url))
-    build_worker(settings, eng).run(until_drained=True)
+    build_worker(kafka_settings, eng).run(until_drained=True)
     verdicts = {
         json.loads(v)["post_id"]: json.loads(v)
-        for v in read_topic(settings.bootstrap_servers, settings.verdicts_topic)
+        for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic)
     }
-    novel = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.novel_risk_topic)]
-    dlq = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
+    novel = [
+        json.loads(v) for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.novel_risk_topic)
+    ]
+    dlq = [json.loads(v) for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.dlq_topic)]
     assert set(verdicts) == {"n1", "n2", "n3"}
     assert verdicts["n1"]["novel_risk"] == "Dangerous Viral Breath Challenge"
     assert verdicts["n2"]["subcategory"] == "C8S3" and verdicts["n2"]["category_name"] == "Dangerous Goods"
@@ -381,7 +383,7 @@ def test_worker_with_server_engine_routes_novel_risks(
     ids=["503-burst-shorter-than-dead_after_s", "503-outage-longer-held-by-the-worker"],
 )
 def test_worker_rides_out_a_server_outage_without_dead_letters(
-    settings: Any, services: Any, prompts: PromptSet, outage_s: float, dead_after_s: float
+    kafka_settings: Any, services: Any, prompts: PromptSet, outage_s: float, dead_after_s: float
 ) -> None:
     """The server answers 503 to everything for a few seconds from the first request on, then recovers.
     Every post gets its verdict and none is dead-lettered: within dead_after_s each request keeps
@@ -395,16 +397,17 @@ def test_worker_rides_out_a_server_outage_without_dead_letters(
     server = ChatServer(canned, outage_s=outage_s).start()
     try:
         posts = [post(f"o{i}", "a", f"post number {i}") for i in range(12)]
-        produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in posts])
+        produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, p) for p in posts])
         eng = AsyncServerEngine(prompts, ServerConfig(base_url=server.url, dead_after_s=dead_after_s))
-        s = settings.model_copy(update={"outage_backoff_s": 0.5, "cache_enabled": False})
+        s = kafka_settings.model_copy(update={"outage_backoff_s": 0.5, "cache_enabled": False})
         stats = build_worker(s, eng).run(until_drained=True)
     finally:
         server.stop()
     verdicts = [
-        json.loads(v)["post_id"] for v in read_topic(settings.bootstrap_servers, settings.verdicts_topic)
+        json.loads(v)["post_id"]
+        for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic)
     ]
-    dlq = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
+    dlq = [json.loads(v) for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.dlq_topic)]
     assert [(d["post_id"], d["error_code"]) for d in dlq] == []
     assert sorted(verdicts) == sorted(f"o{i}" for i in range(12)) and stats.dead_letters == 0
     failed = len(server.headers) - len(server.requests)

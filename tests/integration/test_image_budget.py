@@ -16,7 +16,6 @@ from PIL import Image
 from guard.types import ModerationItem, Verdict
 from tests.conftest import BUCKET, Services
 from tests.integration.test_streaming_worker import (
-    FakeStreamingEngine,
     one_partition,
     outputs,
     run_in_thread,
@@ -25,6 +24,7 @@ from tests.integration.test_streaming_worker import (
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
 from workers.settings import Settings
+from workers.testing import FakeStreamingEngine
 from workers.wiring import build_worker
 
 MIB = 1 << 20
@@ -68,11 +68,13 @@ class CountingEngine(FakeStreamingEngine):
 
 @pytest.mark.integration
 def test_image_posts_wait_for_the_budget_and_the_partitions_pause(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
     # 1 MP thumbnails (4 MiB each, the 1024² images are not resized); 2 refs a post: 8 MiB worst case,
     # so a 16 MiB budget takes two image posts at a time
-    s = one_partition(settings, vllm_max_pixels=1024 * 1024, inflight_image_bytes=16 * MIB, pause_after_s=0.1)
+    s = one_partition(
+        kafka_settings, vllm_max_pixels=1024 * 1024, inflight_image_bytes=16 * MIB, pause_after_s=0.1
+    )
     refs = upload(services, 16, 1024)
     posts = []
     for i in range(8):
@@ -107,10 +109,10 @@ def test_image_posts_wait_for_the_budget_and_the_partitions_pause(
 
 @pytest.mark.integration
 def test_a_post_larger_than_the_whole_budget_goes_through_alone(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
     # 2048² thumbnails are 16 MiB each: a 4-image post needs 64 MiB, four times the 16 MiB budget
-    s = one_partition(settings, vllm_max_pixels=2048 * 2048, inflight_image_bytes=16 * MIB)
+    s = one_partition(kafka_settings, vllm_max_pixels=2048 * 2048, inflight_image_bytes=16 * MIB)
     refs = upload(services, 5, 2048)
     posts = [
         ("big", post("big", "a", "four huge images", refs[:4])),
@@ -135,9 +137,9 @@ def test_a_post_larger_than_the_whole_budget_goes_through_alone(
 
 @pytest.mark.integration
 def test_a_revoke_and_a_shutdown_with_image_posts_in_flight_give_every_byte_back(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
-    s = settings.model_copy(
+    s = kafka_settings.model_copy(
         update={"revoke_timeout_s": 0.5, "cache_enabled": False, "shutdown_timeout_s": 0.5}
     )
     refs = upload(services, 60, 64)
@@ -175,7 +177,7 @@ def test_a_revoke_and_a_shutdown_with_image_posts_in_flight_give_every_byte_back
     assert first.images.used == 0 and second.images.used == 0, "image bytes leaked across the revoke"
 
     # shutdown with requests that never finish: they are abandoned uncommitted, their bytes given back
-    s2 = one_partition(settings, shutdown_timeout_s=0.2)
+    s2 = one_partition(kafka_settings, shutdown_timeout_s=0.2)
     produce_all(
         s2.bootstrap_servers,
         s2.posts_topic,

@@ -85,25 +85,29 @@ def _seed(settings: Settings, n: int) -> None:
 
 
 @pytest.mark.integration
-def test_ssl_setting_reaches_readers_writers_and_admin(settings: Settings) -> None:
-    _seed(settings, 5)
-    assert len(read_records(settings.bootstrap_servers, settings.verdicts_topic)) == 5  # plaintext: reads
+def test_ssl_setting_reaches_readers_writers_and_admin(kafka_settings: Settings) -> None:
+    _seed(kafka_settings, 5)
+    assert (
+        len(read_records(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic)) == 5
+    )  # plaintext: reads
     with pytest.raises(KafkaException):
-        read_records(settings.bootstrap_servers, settings.verdicts_topic, timeout_s=3, extra=SSL)
+        read_records(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic, timeout_s=3, extra=SSL)
     quick = {**SSL, "message.timeout.ms": "3000"}  # fail the produce in 3 s, not the default 30
     with pytest.raises(RuntimeError, match=r"produce to .* failed"):
-        produce_all(settings.bootstrap_servers, settings.verdicts_topic, [(b"k", b"v")], extra=quick)
+        produce_all(
+            kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic, [(b"k", b"v")], extra=quick
+        )
     with pytest.raises((KafkaException, TopicCreationError)):
-        create_topics(settings.bootstrap_servers, {"never-created": 1}, timeout_s=3, extra=SSL)
+        create_topics(kafka_settings.bootstrap_servers, {"never-created": 1}, timeout_s=3, extra=SSL)
 
 
 @pytest.mark.integration
-def test_audit_export_cli_honours_kafka_extra(settings: Settings, tmp_path: Path) -> None:
-    _seed(settings, 4)
+def test_audit_export_cli_honours_kafka_extra(kafka_settings: Settings, tmp_path: Path) -> None:
+    _seed(kafka_settings, 4)
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
         "GUARDSTREAM_LOG_FORMAT": "json",
     }
     ok = tmp_path / "plain.jsonl"
@@ -119,16 +123,16 @@ def test_audit_export_cli_honours_kafka_extra(settings: Settings, tmp_path: Path
 
 
 @pytest.mark.integration
-def test_console_audit_reader_honours_kafka_extra(settings: Settings) -> None:
+def test_console_audit_reader_honours_kafka_extra(kafka_settings: Settings) -> None:
     """The console's audits page reads the audit topic with the settings' TLS/SASL options (it read over
     plaintext whatever they said)."""
-    topic = settings.posts_topic + "-audit"
-    create_topics(settings.bootstrap_servers, {topic: 1})
+    topic = kafka_settings.posts_topic + "-audit"
+    create_topics(kafka_settings.bootstrap_servers, {topic: 1})
     decision = DecisionSummary(safe=True, engine="cpu", model_version="m", policy_version="p")
     rec = AuditRecord(
         replay_id="r1",
         post_id="p1",
-        source_topic=settings.posts_topic,
+        source_topic=kafka_settings.posts_topic,
         source_partition=0,
         source_offset=0,
         original=decision,
@@ -136,8 +140,8 @@ def test_console_audit_reader_honours_kafka_extra(settings: Settings) -> None:
         changed=False,
         changes=[],
     )
-    produce_all(settings.bootstrap_servers, topic, [(b"r1:0:0", rec.model_dump_json().encode())])
-    plain = ConsoleSettings(**{**settings.model_dump(), "audit_topic": topic})
+    produce_all(kafka_settings.bootstrap_servers, topic, [(b"r1:0:0", rec.model_dump_json().encode())])
+    plain = ConsoleSettings(**{**kafka_settings.model_dump(), "audit_topic": topic})
     assert [r.replay_id for r in AuditView(plain, read_timeout_s=5).replays()] == ["r1"]  # plaintext: reads
     ssl = plain.model_copy(update={"kafka_extra": SSL})
     assert AuditView(ssl, read_timeout_s=3).replays() == []  # told SSL: nothing read over plaintext

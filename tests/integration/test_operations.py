@@ -32,15 +32,17 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 @pytest.mark.integration
-def test_metrics_and_health_are_served(settings: Settings, services: Services, cpu_engine: CpuEngine) -> None:
+def test_metrics_and_health_are_served(
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine
+) -> None:
     port = free_port()
     server = start_metrics_server(port, host="127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     try:
         before = httpx.get(f"{base}/metrics").text
         produce_all(
-            settings.bootstrap_servers,
-            settings.posts_topic,
+            kafka_settings.bootstrap_servers,
+            kafka_settings.posts_topic,
             [(None, post(f"m-{i}", "a", f"metrics post {i}")) for i in range(5)] + [(None, b"not json")],
         )
         ready_seen = threading.Event()
@@ -49,7 +51,7 @@ def test_metrics_and_health_are_served(settings: Settings, services: Services, c
             if httpx.get(f"{base}/readyz").status_code == 200:
                 ready_seen.set()
 
-        build_worker(settings.model_copy(update={"lag_interval_s": 0.01}), cpu_engine).run(
+        build_worker(kafka_settings.model_copy(update={"lag_interval_s": 0.01}), cpu_engine).run(
             until_drained=True, on_batch=on_batch
         )
         after = httpx.get(f"{base}/metrics").text
@@ -90,7 +92,9 @@ def test_k8s_manifests() -> None:
 
 
 @pytest.mark.integration
-def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_engine: CpuEngine) -> None:
+def test_a_member_without_partitions_is_idle_not_ready(
+    kafka_settings: Settings, cpu_engine: CpuEngine
+) -> None:
     """A worker holding no partitions answers 503 "idle" on /readyz (it is no serving capacity), and
     logs and reports it when the group has lag while it holds nothing -- once the group had its chance
     (a session timeout) to assign it partitions."""
@@ -98,9 +102,11 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
 
     port = free_port()
     server = start_metrics_server(port, host="127.0.0.1")
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, post("idle-1", "a", "x"))])
+    produce_all(
+        kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, post("idle-1", "a", "x"))]
+    )
     # not subscribed: no partitions (session_timeout 1 s: past it, an idle member is worth reporting)
-    worker = build_worker(settings.model_copy(update={"session_timeout_ms": 1000}), cpu_engine)
+    worker = build_worker(kafka_settings.model_copy(update={"session_timeout_ms": 1000}), cpu_engine)
     try:
         assert worker.readiness() == (False, "idle: no partitions assigned")
         assert isinstance(worker.sensor, PrometheusSensor)  # what /readyz serves
@@ -113,8 +119,8 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
         sensor = RecordingSensor()
         lag = LagReporter(
             worker.consumer,
-            topic=settings.posts_topic,
-            group_id=settings.group_id,
+            topic=kafka_settings.posts_topic,
+            group_id=kafka_settings.group_id,
             idle_after_s=worker.lag.idle_after_s,
             sensor=sensor,
             clock=lambda: now[0],
@@ -133,16 +139,16 @@ def test_a_member_without_partitions_is_idle_not_ready(settings: Settings, cpu_e
 
 @pytest.mark.integration
 def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
-    settings: Settings, cpu_engine: CpuEngine
+    kafka_settings: Settings, cpu_engine: CpuEngine
 ) -> None:
     """Right after an assignment the position is unknown; the lag then comes from the committed offset
     (it used to count the whole partition as lag)."""
     produce_all(
-        settings.bootstrap_servers,
-        settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
         [(f"k{i}", post(f"lag-{i}", "a", "x")) for i in range(9)],
     )
-    build_worker(settings, cpu_engine).run(until_drained=True)  # everything consumed and committed
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)  # everything consumed and committed
     sensor = RecordingSensor()
     reported: list[tuple[str, int, int]] = []
     worker: list[Any] = []
@@ -153,9 +159,9 @@ def test_lag_of_a_partition_read_to_the_end_is_zero_before_it_is_fetched(
             worker[0].lag.update([TopicPartition(t, p) for t, p in details["partitions"]])
             reported.extend(sensor.lag[seen:])
 
-    worker.append(build_worker(settings, cpu_engine, on_event=on_event, sensor=sensor))
+    worker.append(build_worker(kafka_settings, cpu_engine, on_event=on_event, sensor=sensor))
     worker[0].run(until_drained=True)
-    assert sorted(reported) == [(settings.posts_topic, p, 0) for p in range(3)]
+    assert sorted(reported) == [(kafka_settings.posts_topic, p, 0) for p in range(3)]
     # the sensor was the worker's for the whole run: readiness went through it, not the global state
     assert (True, "ready") in sensor.ready and sensor.ready[-1] == (False, "stopped")
     assert sensor.beats > 0 and sensor.consumed == 0  # nothing left to read

@@ -92,28 +92,28 @@ def test_export_rejects_bad_ratios(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_export_of_an_empty_range_fails_with_the_reason(settings: Settings, tmp_path: Path) -> None:
-    reviews = settings.posts_topic + "-reviews"
-    create_topics(settings.bootstrap_servers, {reviews: 1})
+def test_export_of_an_empty_range_fails_with_the_reason(kafka_settings: Settings, tmp_path: Path) -> None:
+    reviews = kafka_settings.posts_topic + "-reviews"
+    create_topics(kafka_settings.bootstrap_servers, {reviews: 1})
     out = tmp_path / "empty"
-    p = cli("export-training", "--out", str(out), env=settings_env(settings, reviews))
+    p = cli("export-training", "--out", str(out), env=settings_env(kafka_settings, reviews))
     assert_one_line_error(p, 1, "no posts")
     assert not (out / "train.jsonl").exists() and not (out / "README.md").exists()
 
 
 @pytest.mark.integration
 def test_export_whose_ratios_select_nothing_names_the_fix(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
 ) -> None:
-    reviews = settings.posts_topic + "-reviews"
-    create_topics(settings.bootstrap_servers, {reviews: 1})
+    reviews = kafka_settings.posts_topic + "-reviews"
+    create_topics(kafka_settings.bootstrap_servers, {reviews: 1})
     produce_all(
-        settings.bootstrap_servers,
-        settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
         [(f"e{i}".encode(), post(f"e{i}", "a", f"garden party number {i}")) for i in range(4)],
     )
-    build_worker(settings, cpu_engine).run(until_drained=True)
-    env = settings_env(settings, reviews)
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
+    env = settings_env(kafka_settings, reviews)
     # text only, default ratios 1:1:1 -> the balance selects 0 records
     p = cli("export-training", "--out", str(tmp_path / "a"), env=env)
     assert_one_line_error(p, 1, "select 0 records", "--ratios text=1")

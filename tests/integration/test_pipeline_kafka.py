@@ -64,13 +64,13 @@ def outputs(settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 
 def test_feed_end_to_end_then_cache_hits(
-    settings: Settings, services: Services, cpu_engine: CpuEngine
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine
 ) -> None:
-    feed = seed_feed(settings, services)
-    stats = build_worker(settings, cpu_engine).run(until_drained=True)
+    feed = seed_feed(kafka_settings, services)
+    stats = build_worker(kafka_settings, cpu_engine).run(until_drained=True)
     assert stats.consumed == len(feed)
 
-    verdicts, dlq, novel = outputs(settings)
+    verdicts, dlq, novel = outputs(kafka_settings)
     # exactly one verdict or one dead letter per post
     by_id = Counter(
         [v["post_id"] for v in verdicts] + [d["post_id"] or f"offset-{d['source_offset']}" for d in dlq]
@@ -91,16 +91,19 @@ def test_feed_end_to_end_then_cache_hits(
     }
     assert all(not v["cache_hit"] for v in verdicts)
     # offsets were committed to the end, and only after publishing
-    assert committed(settings) == end_offsets(settings)
+    assert committed(kafka_settings) == end_offsets(kafka_settings)
 
     # a second group over the same content: every verdict is a cache hit, with identical decisions
-    s2 = settings.model_copy(
-        update={"group_id": settings.group_id + "-again", "verdicts_topic": settings.verdicts_topic}
+    s2 = kafka_settings.model_copy(
+        update={
+            "group_id": kafka_settings.group_id + "-again",
+            "verdicts_topic": kafka_settings.verdicts_topic,
+        }
     )
     before = {v["post_id"]: (v["safe"], v["subcategory"]) for v in verdicts}
     build_worker(s2, cpu_engine).run(until_drained=True)
     recs = sorted(
-        read_records(settings.bootstrap_servers, settings.verdicts_topic),
+        read_records(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic),
         key=lambda r: (r.partition, r.offset),
     )
     seen: set[str] = set()
@@ -116,38 +119,42 @@ def test_feed_end_to_end_then_cache_hits(
 
 
 def test_nothing_is_committed_when_publish_fails(
-    settings: Settings, services: Services, cpu_engine: CpuEngine
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine
 ) -> None:
     posts = [post(f"pf-{i}", "a", f"post {i}") for i in range(6)]
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, v) for v in posts])
-    broken = settings.model_copy(update={"verdicts_topic": "not a valid topic name!", "produce_timeout_s": 5})
+    produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, v) for v in posts])
+    broken = kafka_settings.model_copy(
+        update={"verdicts_topic": "not a valid topic name!", "produce_timeout_s": 5}
+    )
     with pytest.raises(PublishError):
         build_worker(broken, cpu_engine).run(until_drained=True)
-    assert all(off < 0 for off in committed(settings).values()), "offsets committed despite failed publish"
+    assert all(off < 0 for off in committed(kafka_settings).values()), (
+        "offsets committed despite failed publish"
+    )
     # the same group, fixed: every post is moderated, none lost
-    build_worker(settings, cpu_engine).run(until_drained=True)
-    verdicts, _, _ = outputs(settings)
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
+    verdicts, _, _ = outputs(kafka_settings)
     assert sorted(v["post_id"] for v in verdicts) == sorted(f"pf-{i}" for i in range(6))
-    assert committed(settings) == end_offsets(settings)
+    assert committed(kafka_settings) == end_offsets(kafka_settings)
 
 
-def test_sigterm_drains_in_flight_work(settings: Settings, services: Services, tmp_path: Any) -> None:
+def test_sigterm_drains_in_flight_work(kafka_settings: Settings, services: Services, tmp_path: Any) -> None:
     n = 300
     produce_all(
-        settings.bootstrap_servers,
-        settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
         [(None, post(f"sig-{i}", f"a{i % 7}", f"message number {i} about my weekend")) for i in range(n)],
     )
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": settings.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
+        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
         "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
         "GUARDSTREAM_MAX_BATCH_SIZE": "4",
         "GUARDSTREAM_CACHE_ENABLED": "false",
@@ -162,7 +169,7 @@ def test_sigterm_drains_in_flight_work(settings: Settings, services: Services, t
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until the worker has published something
-            if read_topic(settings.bootstrap_servers, settings.verdicts_topic, timeout_s=2):
+            if read_topic(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic, timeout_s=2):
                 break
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         proc.send_signal(signal.SIGTERM)
@@ -172,11 +179,11 @@ def test_sigterm_drains_in_flight_work(settings: Settings, services: Services, t
             proc.kill()
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"shutdown_requested" in out and b"worker_stopped" in out
-    verdicts, _, _ = outputs(settings)
+    verdicts, _, _ = outputs(kafka_settings)
     published = Counter(v["post_id"] for v in verdicts)
     assert max(published.values()) == 1
     # everything below the committed offsets was published (nothing lost)...
-    done = committed(settings)
+    done = committed(kafka_settings)
     for v in verdicts:
         assert v["source_offset"] < done[v["source_partition"]]
     assert sum(max(o, 0) for o in done.values()) == len(verdicts)
@@ -184,7 +191,7 @@ def test_sigterm_drains_in_flight_work(settings: Settings, services: Services, t
     # ...and a restart finishes the rest without duplicates
     from workers.wiring import build_worker as bw
 
-    bw(settings.model_copy(update={"cache_enabled": False})).run(until_drained=True)
-    verdicts, _, _ = outputs(settings)
+    bw(kafka_settings.model_copy(update={"cache_enabled": False})).run(until_drained=True)
+    verdicts, _, _ = outputs(kafka_settings)
     final = Counter(v["post_id"] for v in verdicts)
     assert len(final) == n and max(final.values()) == 1

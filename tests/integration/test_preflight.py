@@ -32,26 +32,26 @@ from workers.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-def test_everything_reachable_passes(settings: Settings, cpu_engine: CpuEngine) -> None:
-    results = preflight(settings, engine=cpu_engine)
+def test_everything_reachable_passes(kafka_settings: Settings, cpu_engine: CpuEngine) -> None:
+    results = preflight(kafka_settings, engine=cpu_engine)
     assert [r.name for r in results] == ["settings", "broker", "bucket", "redis", "engine"]
     assert all(r.ok for r in results), [r.line() for r in results]
     assert "probe judged" in results[-1].detail  # a real probe: the engine judged one text
 
 
-def test_each_dependency_failure_names_its_fix(settings: Settings) -> None:
+def test_each_dependency_failure_names_its_fix(kafka_settings: Settings) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    r = check_broker(settings.model_copy(update={"bootstrap_servers": dead}), timeout_s=2)
+    r = check_broker(kafka_settings.model_copy(update={"bootstrap_servers": dead}), timeout_s=2)
     assert not r.ok and "GUARDSTREAM_BOOTSTRAP_SERVERS" in (r.fix or "")
-    r = check_broker(settings.model_copy(update={"dlq_topic": "no-such-topic-xyz"}))
+    r = check_broker(kafka_settings.model_copy(update={"dlq_topic": "no-such-topic-xyz"}))
     assert not r.ok and "no-such-topic-xyz" in r.detail and r.fix
-    r = check_bucket(settings.model_copy(update={"allowed_buckets": ["nobody-made-this-bucket"]}))
+    r = check_bucket(kafka_settings.model_copy(update={"allowed_buckets": ["nobody-made-this-bucket"]}))
     assert not r.ok and "NoSuchBucket" in r.detail and "create bucket" in (r.fix or "")
-    r = check_redis(settings.model_copy(update={"redis_url": f"redis://:pw@127.0.0.1:{free_port()}/0"}))
+    r = check_redis(kafka_settings.model_copy(update={"redis_url": f"redis://:pw@127.0.0.1:{free_port()}/0"}))
     assert not r.ok and "GUARDSTREAM_REDIS_URL" in (r.fix or "") and ":pw@" not in r.line()
-    assert check_redis(settings.model_copy(update={"cache_enabled": False})).ok
+    assert check_redis(kafka_settings.model_copy(update={"cache_enabled": False})).ok
     with pytest.raises(PreflightError, match="FAIL broker"):
-        preflight(settings.model_copy(update={"bootstrap_servers": dead}), probe_engine=False)
+        preflight(kafka_settings.model_copy(update={"bootstrap_servers": dead}), probe_engine=False)
 
 
 def test_settings_combinations() -> None:
@@ -105,7 +105,7 @@ def test_vllm_server_probe(models_server: str) -> None:
 
 
 def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
     """The worker probes a vllm-server at start: one serving another model stops it with exit 2 and one
     line naming the setting, before it consumes anything (before, the first post found out, and every
@@ -114,17 +114,19 @@ def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
     from workers.demo.sample_feed import post
     from workers.kafka.topics import produce_all
 
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, post("p1", "a", "hello"))])
+    produce_all(
+        kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, post("p1", "a", "hello"))]
+    )
     server = ChatServer(lambda body: "unused", served_models=["Qwen2.5-VL-7B-Instruct"]).start()
     try:
         env = {
             **os.environ,
-            "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-            "GUARDSTREAM_GROUP_ID": settings.group_id,
-            "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-            "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-            "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-            "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+            "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+            "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
+            "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+            "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+            "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+            "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
             "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
             "GUARDSTREAM_REDIS_URL": services.redis_url,
             "GUARDSTREAM_ENGINE": "vllm-server",
@@ -149,22 +151,22 @@ def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
     # nothing consumed: the group never committed an offset
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id})
+    c = Consumer({"bootstrap.servers": kafka_settings.bootstrap_servers, "group.id": kafka_settings.group_id})
     try:
-        parts = [TopicPartition(settings.posts_topic, p) for p in range(3)]
+        parts = [TopicPartition(kafka_settings.posts_topic, p) for p in range(3)]
         assert all(tp.offset < 0 for tp in c.committed(parts, timeout=10))
     finally:
         c.close()
 
 
-def test_check_cli(settings: Settings, services: Services) -> None:
+def test_check_cli(kafka_settings: Settings, services: Services) -> None:
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
         "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
         "GUARDSTREAM_REDIS_URL": services.redis_url,
     }
@@ -190,7 +192,7 @@ def test_check_cli(settings: Settings, services: Services) -> None:
     assert worker.returncode == 2 and "GUARDSTREAM_MAX_BATCH_SIZE" in worker.stderr
     # the worker runs the same checks at start: a posts topic that does not exist stops it with the fix
     # named, before any engine is loaded (waiting would not make the topic appear)
-    no_topic = {**env, "GUARDSTREAM_POSTS_TOPIC": f"{settings.posts_topic}-missing"}
+    no_topic = {**env, "GUARDSTREAM_POSTS_TOPIC": f"{kafka_settings.posts_topic}-missing"}
     missing = subprocess.run(
         [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
         env=no_topic,

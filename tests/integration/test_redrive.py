@@ -51,7 +51,7 @@ def _headers_of_posts(settings: Settings, count: int) -> list[dict[str, str]]:
 
 
 def test_redrive_after_the_object_is_restored(
-    settings: Settings, services: Services, cpu_engine: CpuEngine
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine
 ) -> None:
     s3 = services.s3_client()
     key = f"{uuid.uuid4().hex}/later.png"
@@ -60,57 +60,61 @@ def test_redrive_after_the_object_is_restored(
         (b"text", post("text", "a", "Anyone know a good pizza place downtown?")),
         (b"junk", b"{not json"),
     ]
-    produce_all(settings.bootstrap_servers, settings.posts_topic, feed)
-    build_worker(settings, cpu_engine).run(until_drained=True)
-    dlq = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.dlq_topic)]
+    produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, feed)
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
+    dlq = [json.loads(v) for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.dlq_topic)]
     assert sorted(d["error_code"] for d in dlq) == ["image_not_found", "invalid_json"]
 
     s3.put_object(Bucket=BUCKET, Key=key, Body=png_bytes(drawn_image(8)))  # restored
     codes = {"image_not_found"}
     dry = redrive(
-        settings.bootstrap_servers,
-        dlq_topic=settings.dlq_topic,
-        posts_topic=settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        dlq_topic=kafka_settings.dlq_topic,
+        posts_topic=kafka_settings.posts_topic,
         codes=codes,
         dry_run=True,
     )
     assert (dry.matched, dry.redriven, dict(dry.by_code)) == (1, 0, {"image_not_found": 1})
-    assert len(read_topic(settings.bootstrap_servers, settings.posts_topic)) == 3  # nothing written
+    assert (
+        len(read_topic(kafka_settings.bootstrap_servers, kafka_settings.posts_topic)) == 3
+    )  # nothing written
 
     rep = redrive(
-        settings.bootstrap_servers,
-        dlq_topic=settings.dlq_topic,
-        posts_topic=settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        dlq_topic=kafka_settings.dlq_topic,
+        posts_topic=kafka_settings.posts_topic,
         codes=codes,
     )
     assert (rep.matched, rep.redriven, rep.already) == (1, 1, 0)
     again = redrive(
-        settings.bootstrap_servers,
-        dlq_topic=settings.dlq_topic,
-        posts_topic=settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        dlq_topic=kafka_settings.dlq_topic,
+        posts_topic=kafka_settings.posts_topic,
         codes=codes,
     )
     assert (again.matched, again.redriven, again.already) == (1, 0, 1)  # idempotent
-    assert len(read_records(settings.bootstrap_servers, ledger_topic(settings.dlq_topic))) == 1
+    assert len(read_records(kafka_settings.bootstrap_servers, ledger_topic(kafka_settings.dlq_topic))) == 1
 
-    posts = read_records(settings.bootstrap_servers, settings.posts_topic)
+    posts = read_records(kafka_settings.bootstrap_servers, kafka_settings.posts_topic)
     assert len(posts) == 4 and sum(r.key == b"late" for r in posts) == 2
-    (hdrs,) = _headers_of_posts(settings, 4)
-    assert hdrs[HEADER_OF].startswith(f"{settings.dlq_topic}:") and hdrs[HEADER_SOURCE].startswith(
-        f"{settings.posts_topic}:"
+    (hdrs,) = _headers_of_posts(kafka_settings, 4)
+    assert hdrs[HEADER_OF].startswith(f"{kafka_settings.dlq_topic}:") and hdrs[HEADER_SOURCE].startswith(
+        f"{kafka_settings.posts_topic}:"
     )
 
-    build_worker(settings, cpu_engine).run(until_drained=True)
-    verdicts = [json.loads(v) for v in read_topic(settings.bootstrap_servers, settings.verdicts_topic)]
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
+    verdicts = [
+        json.loads(v) for v in read_topic(kafka_settings.bootstrap_servers, kafka_settings.verdicts_topic)
+    ]
     assert sorted(v["post_id"] for v in verdicts) == ["late", "text"]
 
 
-def test_redrive_cli_dry_run_and_unknown_codes(settings: Settings) -> None:
+def test_redrive_cli_dry_run_and_unknown_codes(kafka_settings: Settings) -> None:
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
     }
     cmd = [sys.executable, "-m", "workers.cli", "redrive"]
     bad = subprocess.run(

@@ -57,33 +57,35 @@ def counts(md: str) -> dict[str, str]:
 
 @pytest.mark.integration
 def test_report_is_cumulative_across_interrupted_resumed_and_repeated_runs(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, prompts: PromptSet, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, prompts: PromptSet, tmp_path: Path
 ) -> None:
     texts = [t for _, t in TEXTS] + [HOSTILE]
     produce_all(
-        settings.bootstrap_servers,
-        settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
         [(f"h{i}".encode(), post(f"h{i}", f"author-{i % 3}", t)) for i, t in enumerate(texts)],
     )
-    build_worker(settings, cpu_engine).run(until_drained=True)
-    live = live_labels(settings)
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
+    live = live_labels(kafka_settings)
     assert len(live) == len(texts)
     expected_changed = sum(1 for safe in live.values() if safe is True)  # the strict replay flags all
 
     strict = CpuEngine(prompts, CpuEngineConfig(threshold=0.0), embedder=cpu_engine._emb)
-    audit = settings.posts_topic + "-audit"
-    create_topics(settings.bootstrap_servers, {audit: 1})
+    audit = kafka_settings.posts_topic + "-audit"
+    create_topics(kafka_settings.bootstrap_servers, {audit: 1})
     rp = Replayer(
-        build_moderator(settings.model_copy(update={"cache_enabled": False}), strict),
-        settings.bootstrap_servers,
-        verdicts_topic=settings.verdicts_topic,
-        dlq_topic=settings.dlq_topic,
+        build_moderator(kafka_settings.model_copy(update={"cache_enabled": False}), strict),
+        kafka_settings.bootstrap_servers,
+        verdicts_topic=kafka_settings.verdicts_topic,
+        dlq_topic=kafka_settings.dlq_topic,
         audit_topic=audit,
         batch_size=3,
     )
-    assert estimate_total(settings.bootstrap_servers, settings.posts_topic, None, None, None) == len(texts)
+    assert estimate_total(
+        kafka_settings.bootstrap_servers, kafka_settings.posts_topic, None, None, None
+    ) == len(texts)
     ctx = ReportContext(
-        settings.posts_topic, strict.name, strict.model_version, strict.policy_version, prompts.taxonomy
+        kafka_settings.posts_topic, strict.name, strict.model_version, strict.policy_version, prompts.taxonomy
     )
     md_path = tmp_path / "audit.md"
 
@@ -91,13 +93,13 @@ def test_report_is_cumulative_across_interrupted_resumed_and_repeated_runs(
         raise Interrupt
 
     with pytest.raises(Interrupt):  # an interrupted run: the first batch is on the audit topic
-        rp.run("cum-1", settings.posts_topic, on_progress=stop_after_first_batch)
-    partial, _ = write_reports(settings.bootstrap_servers, audit, ReplayReport("cum-1"), ctx, md_path)
+        rp.run("cum-1", kafka_settings.posts_topic, on_progress=stop_after_first_batch)
+    partial, _ = write_reports(kafka_settings.bootstrap_servers, audit, ReplayReport("cum-1"), ctx, md_path)
     assert partial.written == 3
 
-    resumed = rp.run("cum-1", settings.posts_topic)
+    resumed = rp.run("cum-1", kafka_settings.posts_topic)
     assert (resumed.total, resumed.skipped_done, resumed.written) == (len(texts), 3, len(texts) - 3)
-    full, html_path = write_reports(settings.bootstrap_servers, audit, resumed, ctx, md_path)
+    full, html_path = write_reports(kafka_settings.bootstrap_servers, audit, resumed, ctx, md_path)
     assert (full.written, full.changed) == (len(texts), expected_changed)
     assert sum(full.flips.values()) == len(texts)
     assert sum(full.change_kinds.values()) == full.change_kinds["safe_to_unsafe"] == expected_changed
@@ -105,9 +107,9 @@ def test_report_is_cumulative_across_interrupted_resumed_and_repeated_runs(
     assert md_after_resume["audit records written"] == str(len(texts))
     assert md_after_resume["decisions changed"] == str(expected_changed)
 
-    again = rp.run("cum-1", settings.posts_topic)  # finished: writes nothing
+    again = rp.run("cum-1", kafka_settings.posts_topic)  # finished: writes nothing
     assert again.written == 0
-    same, _ = write_reports(settings.bootstrap_servers, audit, again, ctx, md_path)
+    same, _ = write_reports(kafka_settings.bootstrap_servers, audit, again, ctx, md_path)
     assert (same.written, same.changed, same.flips) == (full.written, full.changed, full.flips)
     md_again = counts(md_path.read_text())
     assert md_again.pop("already done (resumed)") == str(len(texts))  # this run's own count
@@ -173,24 +175,24 @@ def test_html_escapes_topic_data_and_names_categories(prompts: PromptSet) -> Non
 
 @pytest.mark.integration
 def test_ctrl_c_prints_how_to_resume_and_the_resumed_run_completes(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, tmp_path: Path
 ) -> None:
     n = 150
     produce_all(
-        settings.bootstrap_servers,
-        settings.posts_topic,
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
         [(f"c{i}".encode(), post(f"c{i}", "a", f"weekend hike number {i} by the lake")) for i in range(n)],
     )
-    audit = settings.posts_topic + "-audit"
-    create_topics(settings.bootstrap_servers, {audit: 1})
+    audit = kafka_settings.posts_topic + "-audit"
+    create_topics(kafka_settings.bootstrap_servers, {audit: 1})
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
-        "GUARDSTREAM_REDIS_URL": settings.redis_url,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
+        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
+        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
         "GUARDSTREAM_LOG_FORMAT": "json",
     }
     report = tmp_path / "ctrl-c.md"
@@ -199,7 +201,7 @@ def test_ctrl_c_prints_how_to_resume_and_the_resumed_run_completes(
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
-    watch = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused"})
+    watch = Consumer({"bootstrap.servers": kafka_settings.bootstrap_servers, "group.id": "unused"})
     try:
         # interrupt once the replay is demonstrably under way: its first audit record is on the topic
         watch.assign([TopicPartition(audit, 0, 0)])
@@ -211,7 +213,7 @@ def test_ctrl_c_prints_how_to_resume_and_the_resumed_run_completes(
         watch.close()
         if proc.poll() is None:
             proc.kill()
-    written = len(read_records(settings.bootstrap_servers, audit))
+    written = len(read_records(kafka_settings.bootstrap_servers, audit))
     assert proc.returncode == 130 and 0 < written < n, (proc.returncode, written, err[-2000:])
     assert "Traceback" not in err
     (resume,) = re.findall(r"^\s+(guardstream replay .+)$", err, re.MULTILINE)
@@ -228,7 +230,7 @@ def test_ctrl_c_prints_how_to_resume_and_the_resumed_run_completes(
         cwd=ROOT,
     )
     assert rest.returncode == 0, rest.stderr[-3000:]
-    assert len(read_records(settings.bootstrap_servers, audit)) == n
+    assert len(read_records(kafka_settings.bootstrap_servers, audit)) == n
     md = counts(report.read_text())
     assert md["posts in range"] == str(n) and md["already done (resumed)"] == str(written)
     assert md["audit records written"] == str(n)  # cumulative, not only the resumed part

@@ -116,7 +116,9 @@ def _proguard_answer(body: dict[str, Any]) -> str:
 
 
 @pytest.mark.integration
-def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(settings: Settings, services: Any) -> None:
+def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(
+    kafka_settings: Settings, services: Any
+) -> None:
     """``guardstream worker`` on a vllm-server whose URL carries a planted password (userinfo), over a
     feed that reaches every output: a verdict, a novel risk (verdicts + novel-risks), an unparseable
     answer and a 400 (``engine_*`` dead letters with the server's text), malformed JSON, and a 503
@@ -139,18 +141,18 @@ def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(settings: Sett
         post("s4", "a", "this one is too long"),
         b"{not json",
     ]
-    produce_all(settings.bootstrap_servers, settings.posts_topic, [(None, p) for p in feed])
+    produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, p) for p in feed])
     url = server.url.replace("http://", f"http://svc:{PLANTED}@")
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": str(settings.s3_endpoint_url),
-        "GUARDSTREAM_REDIS_URL": settings.redis_url,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
+        "GUARDSTREAM_S3_ENDPOINT_URL": str(kafka_settings.s3_endpoint_url),
+        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
         "GUARDSTREAM_ENGINE": "vllm-server",
         "GUARDSTREAM_VLLM_SERVER_URL": url,
         "GUARDSTREAM_LOG_FORMAT": "json",
@@ -172,15 +174,15 @@ def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(settings: Sett
     assert server.get_headers and all(h.get("Authorization") == basic for h in server.get_headers)
     assert len(server.headers) > len(feed) and all(h.get("Authorization") == basic for h in server.headers)
     records = {
-        t: read_records(settings.bootstrap_servers, t)
-        for t in (settings.verdicts_topic, settings.novel_risk_topic, settings.dlq_topic)
+        t: read_records(kafka_settings.bootstrap_servers, t)
+        for t in (kafka_settings.verdicts_topic, kafka_settings.novel_risk_topic, kafka_settings.dlq_topic)
     }
     values = {t: [json.loads(r.value or b"{}") for r in rs] for t, rs in records.items()}
-    assert sorted(v["post_id"] for v in values[settings.verdicts_topic]) == ["s1", "s2"]
-    assert [v["post_id"] for v in values[settings.novel_risk_topic]] == ["s2"]
-    codes = sorted(d["error_code"] for d in values[settings.dlq_topic])
+    assert sorted(v["post_id"] for v in values[kafka_settings.verdicts_topic]) == ["s1", "s2"]
+    assert [v["post_id"] for v in values[kafka_settings.novel_risk_topic]] == ["s2"]
+    codes = sorted(d["error_code"] for d in values[kafka_settings.dlq_topic])
     assert codes == ["engine_failed", "engine_output_unparseable", "invalid_json"], codes
-    assert all(server.url in v["model_version"] for v in values[settings.verdicts_topic])
+    assert all(server.url in v["model_version"] for v in values[kafka_settings.verdicts_topic])
     for rs in records.values():
         for r in rs:
             assert PLANTED.encode() not in (r.key or b"") + (r.value or b"")

@@ -202,7 +202,7 @@ def test_http_server_drives_the_server_engine(prompts: PromptSet) -> None:
         assert st["visual_tokens"] == 100  # 280×280 / (28×28)
 
 
-def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Settings) -> None:
+def test_worker_keeps_the_simulated_gpu_full(services: Services, kafka_settings: Settings) -> None:
     """The streaming worker (workers.wiring wiring, real broker, S3 and Redis) on the in-process vllm
     engine over the AsyncLLM stand-in: every post gets exactly one outcome, image posts are fetched and
     judged, and the worker keeps more than max_num_seqs outstanding, so the simulated GPU runs a full
@@ -224,7 +224,9 @@ def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Setti
         for i in range(n)
     ]
     produce_all(
-        settings.bootstrap_servers, settings.posts_topic, [(f"k{i}", v) for i, v in enumerate(values)]
+        kafka_settings.bootstrap_servers,
+        kafka_settings.posts_topic,
+        [(f"k{i}", v) for i, v in enumerate(values)],
     )
     made: list[SimAsyncLLM] = []
 
@@ -232,7 +234,7 @@ def test_worker_keeps_the_simulated_gpu_full(services: Services, settings: Setti
         made.append(SimAsyncLLM(GpuSim(replace(SimConfig(), time_scale=0.05)), **kw))
         return made[-1]
 
-    s = settings.model_copy(update={"engine": "vllm"})
+    s = kafka_settings.model_copy(update={"engine": "vllm"})
     engine = build_streaming_engine(s.engine_config, vllm_llm_factory=factory)
     worker = build_worker(s, engine)
     worker.keep_outcomes = True

@@ -1,11 +1,12 @@
-"""The streaming worker on the real broker (Tansu), S3 server (moto) and Redis, with engine doubles on
-the per-request seam (``StreamingEngine``): out-of-order completion and the commit watermark, a revoke
-while requests are in flight, kill -9 with hundreds of requests in flight, dead and hanging engines, S3
-outages, poison records and dead letters that must fit. Counts are printed."""
+"""The streaming worker on the real broker (Tansu), S3 server (moto) and Redis, with
+``workers.testing.FakeStreamingEngine`` on the per-request seam (``StreamingEngine``): out-of-order
+completion and the commit watermark, a revoke while requests are in flight, kill -9 with hundreds of
+requests in flight, dead and hanging engines, S3 outages (a flaky fetcher through ``build_worker``'s
+``fetcher``) and dead letters that must fit. Counts are printed. The ``Moderator``'s own poison and
+dead-letter handling is in ``tests/unit/test_moderator.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -27,76 +28,16 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
-from guard.errors import EngineDeadError
-from guard.types import ModerationItem, Verdict
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
-from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
-from workers.pipeline.moderator import Moderator
-from workers.pipeline.records import Record
+from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.settings import Settings
-from workers.wiring import build_worker
-
-# ------------------------------------------------------------------ engine doubles
-
-
-def decision(text: str | None) -> bool:
-    """A deterministic verdict from the content (a re-run must give the identical decision)."""
-    return hashlib.sha256((text or "").encode()).digest()[0] % 3 != 0
-
-
-class FakeStreamingEngine:
-    """Answers each post after ``latency(post_id)`` seconds; posts in ``hold`` wait for ``release``;
-    ``dead`` makes every request raise ``EngineDeadError`` while it is set; ``hang`` never answers."""
-
-    name = "fake-streaming"
-    model_version = "test"
-    policy_version = "test"
-
-    def __init__(
-        self,
-        latency: Callable[[str], float] = lambda _pid: 0.0,
-        max_in_flight: int = 64,
-        hold: Callable[[str], bool] = lambda _pid: False,
-        hang: Callable[[str], bool] = lambda _pid: False,
-    ) -> None:
-        self.latency, self.hold, self.hang = latency, hold, hang
-        self.max_in_flight = max_in_flight
-        self.release = threading.Event()
-        self.dead = threading.Event()
-        self.started = 0
-        self.cancelled = 0
-        self.cancel_seen = threading.Event()  # set on the engine loop when a request is cancelled
-        self.answered: list[str] = []
-        self.entered = threading.Event()
-        self.enter_at = 1
-
-    async def judge(self, item: ModerationItem) -> Verdict:
-        self.started += 1
-        if self.started >= self.enter_at:
-            self.entered.set()
-        if self.dead.is_set():
-            raise EngineDeadError("connection refused: engine gone")
-        try:
-            if self.hang(item.post_id):
-                await asyncio.Event().wait()  # a request the engine never answers
-            if self.hold(item.post_id):
-                await asyncio.to_thread(self.release.wait, 120)
-            await asyncio.sleep(self.latency(item.post_id))
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            self.cancel_seen.set()
-            raise
-        self.answered.append(item.post_id)
-        return Verdict(safe=decision(item.text), p_unsafe=0.1)
-
-    async def aclose(self) -> None:
-        self.release.set()
-
+from workers.testing import FakeStreamingEngine
+from workers.wiring import build_fetcher, build_worker
 
 # ------------------------------------------------------------------ helpers
 
@@ -159,8 +100,10 @@ def feed(s: Settings, n: int, tag: str, keyed: bool = True) -> list[str]:
 
 
 @pytest.mark.integration
-def test_out_of_order_completion_commits_only_up_to_the_first_incomplete_post(settings: Settings) -> None:
-    s = one_partition(settings, commit_interval_ms=50)
+def test_out_of_order_completion_commits_only_up_to_the_first_incomplete_post(
+    kafka_settings: Settings,
+) -> None:
+    s = one_partition(kafka_settings, commit_interval_ms=50)
     ids = feed(s, 30, "ooo", keyed=False)
     held = "ooo5"
     # later posts answer sooner (reverse order); post 5 is held until released
@@ -193,8 +136,8 @@ def test_out_of_order_completion_commits_only_up_to_the_first_incomplete_post(se
 
 
 @pytest.mark.integration
-def test_cache_hits_and_dead_letters_do_not_wait_behind_the_engine(settings: Settings) -> None:
-    s = one_partition(settings, commit_interval_ms=50)
+def test_cache_hits_and_dead_letters_do_not_wait_behind_the_engine(kafka_settings: Settings) -> None:
+    s = one_partition(kafka_settings, commit_interval_ms=50)
     produce_all(
         s.bootstrap_servers,
         s.posts_topic,
@@ -221,8 +164,10 @@ def test_cache_hits_and_dead_letters_do_not_wait_behind_the_engine(settings: Set
 
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
-def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(settings: Settings, mode: str) -> None:
-    s = settings.model_copy(
+def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(
+    kafka_settings: Settings, mode: str
+) -> None:
+    s = kafka_settings.model_copy(
         update={"revoke_timeout_s": 0.5, "cache_enabled": False, "commit_interval_ms": 100, "delivery": mode}
     )
     ids = feed(s, 90, "rv")
@@ -280,20 +225,20 @@ def slow_worker_main() -> None:
 
 
 @pytest.mark.integration
-def test_kill_9_with_hundreds_in_flight_loses_nothing(settings: Settings, tmp_path: Path) -> None:
+def test_kill_9_with_hundreds_in_flight_loses_nothing(kafka_settings: Settings, tmp_path: Path) -> None:
     n = 1200
-    ids = feed(settings, n, "k")
+    ids = feed(kafka_settings, n, "k")
     port = free_port()
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": settings.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": settings.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": settings.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
+        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
+        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
+        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
+        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
+        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
         "GUARDSTREAM_CACHE_ENABLED": "false",
         "GUARDSTREAM_COMMIT_INTERVAL_MS": "200",
         "GUARDSTREAM_METRICS_PORT": str(port),
@@ -330,19 +275,19 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(settings: Settings, tmp_pa
                 if done < 300 or in_flight_at_kill < 200:
                     return False
                 # the watermark has moved: some records are below it (published once) and many above
-                return sum(max(o, 0) for o in committed(settings).values()) >= 100
+                return sum(max(o, 0) for o in committed(kafka_settings).values()) >= 100
 
             wait_for(loaded, 120, "200+ requests in flight and a watermark past 100 records")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-    watermark = committed(settings)
-    before = outputs(settings)
+    watermark = committed(kafka_settings)
+    before = outputs(kafka_settings)
     # a clean run finishes the feed
-    build_worker(settings.model_copy(update={"cache_enabled": False}), FakeStreamingEngine()).run(
+    build_worker(kafka_settings.model_copy(update={"cache_enabled": False}), FakeStreamingEngine()).run(
         until_drained=True
     )
-    outs = outputs(settings)
+    outs = outputs(kafka_settings)
     by_post: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for o in outs:
         by_post[o["post_id"]].append(o)
@@ -362,7 +307,7 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(settings: Settings, tmp_pa
     below = {o["post_id"] for o in before if o["source_offset"] < watermark[o["source_partition"]]}
     committed_records = [
         r
-        for r in read_records(settings.bootstrap_servers, settings.posts_topic)
+        for r in read_records(kafka_settings.bootstrap_servers, kafka_settings.posts_topic)
         if r.offset < watermark[r.partition]
     ]
     assert len(below) == len(committed_records)
@@ -372,8 +317,10 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(settings: Settings, tmp_pa
 
 
 @pytest.mark.integration
-def test_dead_engine_is_an_outage_not_a_dead_letter(settings: Settings) -> None:
-    s = settings.model_copy(update={"cache_enabled": False, "outage_backoff_s": 0.2, "engine_deadline_s": 60})
+def test_dead_engine_is_an_outage_not_a_dead_letter(kafka_settings: Settings) -> None:
+    s = kafka_settings.model_copy(
+        update={"cache_enabled": False, "outage_backoff_s": 0.2, "engine_deadline_s": 60}
+    )
     ids = feed(s, 20, "de")
     engine = FakeStreamingEngine()
     engine.dead.set()
@@ -392,8 +339,10 @@ def test_dead_engine_is_an_outage_not_a_dead_letter(settings: Settings) -> None:
 
 
 @pytest.mark.integration
-def test_engine_dead_past_the_deadline_exits(settings: Settings) -> None:
-    s = settings.model_copy(update={"cache_enabled": False, "outage_backoff_s": 0.2, "engine_deadline_s": 2})
+def test_engine_dead_past_the_deadline_exits(kafka_settings: Settings) -> None:
+    s = kafka_settings.model_copy(
+        update={"cache_enabled": False, "outage_backoff_s": 0.2, "engine_deadline_s": 2}
+    )
     feed(s, 5, "dd")
     engine = FakeStreamingEngine()
     engine.dead.set()
@@ -404,8 +353,8 @@ def test_engine_dead_past_the_deadline_exits(settings: Settings) -> None:
 
 
 @pytest.mark.integration
-def test_a_hanging_request_times_out_and_only_it_is_dead_lettered(settings: Settings) -> None:
-    s = settings.model_copy(update={"cache_enabled": False, "engine_timeout_s": 0.5})
+def test_a_hanging_request_times_out_and_only_it_is_dead_lettered(kafka_settings: Settings) -> None:
+    s = kafka_settings.model_copy(update={"cache_enabled": False, "engine_timeout_s": 0.5})
     ids = feed(s, 12, "hg")
     engine = FakeStreamingEngine(hang=lambda pid: pid == "hg3")
     build_worker(s, engine).run(until_drained=True)
@@ -421,10 +370,10 @@ def png() -> bytes:
     return buf.getvalue()
 
 
-class FlakyFetcher(MediaFetcher):
+class FlakyFetcher:
     """The real fetcher, after S3 was unavailable for the first ``fail`` calls (``fail < 0``: forever)."""
 
-    def __init__(self, real: MediaFetcher, fail: int) -> None:
+    def __init__(self, real: ImageFetcher, fail: int) -> None:
         self.real, self.fail, self.calls = real, fail, 0
 
     def fetch_posts(
@@ -441,20 +390,17 @@ class FlakyFetcher(MediaFetcher):
 
 @pytest.mark.integration
 def test_s3_outage_holds_image_posts_and_they_go_through_when_it_is_back(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
-    s = settings.model_copy(update={"cache_enabled": False, "outage_backoff_s": 0.2})
+    s = kafka_settings.model_copy(update={"cache_enabled": False, "outage_backoff_s": 0.2})
     services.s3_client().put_object(Bucket=BUCKET, Key="stream/red.png", Body=png())
     posts = [
         (f"im{i}", post(f"im{i}", "a", f"caption {i}", [f"s3://{BUCKET}/stream/red.png"])) for i in range(6)
     ]
     posts += [(f"tx{i}", post(f"tx{i}", "a", f"text {i}")) for i in range(6)]
     produce_all(s.bootstrap_servers, s.posts_topic, posts)
-    worker = build_worker(s, FakeStreamingEngine())
-    assert worker.moderator.fetcher is not None
-    flaky = FlakyFetcher(worker.moderator.fetcher, fail=3)
-    worker.moderator.fetcher = flaky
-    worker.run(until_drained=True)
+    flaky = FlakyFetcher(build_fetcher(s), fail=3)
+    build_worker(s, FakeStreamingEngine(), fetcher=flaky).run(until_drained=True)
     outs = outputs(s)
     print(f"s3-outage: posts={len(posts)} fetch_calls={flaky.calls} outputs={len(outs)}")
     assert flaky.calls > 3
@@ -464,84 +410,26 @@ def test_s3_outage_holds_image_posts_and_they_go_through_when_it_is_back(
 
 @pytest.mark.integration
 def test_s3_outage_past_the_deadline_exits_and_commits_nothing_past_it(
-    settings: Settings, services: Services
+    kafka_settings: Settings, services: Services
 ) -> None:
-    s = one_partition(settings, outage_backoff_s=0.2, media_deadline_s=2)
+    s = one_partition(kafka_settings, outage_backoff_s=0.2, media_deadline_s=2)
     produce_all(
         s.bootstrap_servers,
         s.posts_topic,
         [(None, post("t0", "a", "text first")), (None, post("i1", "a", "img", [f"s3://{BUCKET}/x.png"]))]
         + [(None, post(f"t{i}", "a", f"text {i}")) for i in range(2, 6)],
     )
-    worker = build_worker(s, FakeStreamingEngine())
-    assert worker.moderator.fetcher is not None
-    worker.moderator.fetcher = FlakyFetcher(worker.moderator.fetcher, fail=-1)
+    worker = build_worker(s, FakeStreamingEngine(), fetcher=FlakyFetcher(build_fetcher(s), fail=-1))
     with pytest.raises(MediaOutage, match="MEDIA_DEADLINE_S"):
         worker.run(idle_timeout_s=60)
     assert committed(s)[0] <= 1  # never past the held image post
     assert "i1" not in {o["post_id"] for o in outputs(s)}
 
 
-class ExplodingFetcher(MediaFetcher):
-    """A fetcher with a bug that only one post's images trigger."""
-
-    def __init__(self) -> None:
-        pass
-
-    def fetch_posts(
-        self, refs_per_post: Sequence[Sequence[ImageRef]]
-    ) -> list[list[FetchedImage] | MediaError]:
-        if any("boom" in r.key for refs in refs_per_post for r in refs):
-            raise struct_error("unpack requires a buffer of 4 bytes")
-        return [MediaError(ErrorCode.IMAGE_NOT_FOUND, "absent") for _ in refs_per_post]
-
-    def close(self) -> None:
-        pass
-
-
-def struct_error(msg: str) -> Exception:
-    import struct
-
-    return struct.error(msg)
-
-
-def test_an_unexpected_exception_dead_letters_only_that_record(settings: Settings) -> None:
-    m = Moderator(settings, FakeStreamingEngine(), ExplodingFetcher(), None)
-    vals = [
-        post("ok", "a", "fine", [f"s3://{BUCKET}/a.png"]),
-        post("bad", "a", "x", [f"s3://{BUCKET}/boom.png"]),
-        b"not json",
-    ]
-    prepared = m.prepare([Record("posts", 0, i, None, v) for i, v in enumerate(vals)])
-    outs = m.finish(prepared)
-    codes = {o.post_id: o.dead_letter.error_code for o in outs if o.dead_letter is not None}
-    assert codes == {
-        "ok": ErrorCode.IMAGE_NOT_FOUND,
-        "bad": ErrorCode.INTERNAL_ERROR,
-        None: ErrorCode.INVALID_JSON,
-    }
-    bad = next(o for o in outs if o.post_id == "bad")
-    assert bad.dead_letter is not None and bad.dead_letter.error_class == "error"  # struct.error
-
-
-def test_a_dead_letter_keeps_a_bounded_prefix_with_size_and_hash(settings: Settings) -> None:
-    s = settings.model_copy(update={"dlq_max_original_bytes": 1000})
-    raw = b'{"post_id": "huge", "text": "' + b"x" * 900_000 + b'"'  # broken JSON, 900 KB
-    (o,) = Moderator(s, FakeStreamingEngine(), None, None).process([Record("posts", 0, 7, b"k", raw)])
-    dl = o.dead_letter
-    assert dl is not None and dl.error_code in (ErrorCode.INVALID_EVENT, ErrorCode.INVALID_JSON)
-    assert dl.original_value() == raw[:1000] and dl.original_value_truncated
-    assert dl.original_value_size == len(raw) and dl.original_value_sha256 == hashlib.sha256(raw).hexdigest()
-    assert len(o.outputs[0].value) < 10_000  # fits any broker
-    (small,) = Moderator(s, FakeStreamingEngine(), None, None).process([Record("posts", 0, 8, None, b"{")])
-    assert small.dead_letter is not None and small.dead_letter.original_value() == b"{"
-    assert not small.dead_letter.original_value_truncated
-
-
 @pytest.mark.integration
-def test_an_output_over_the_message_size_is_re_sent_trimmed(settings: Settings) -> None:
+def test_an_output_over_the_message_size_is_re_sent_trimmed(kafka_settings: Settings) -> None:
     s = one_partition(
-        settings, dlq_max_original_bytes=512 * 1024, kafka_extra={"message.max.bytes": "300000"}
+        kafka_settings, dlq_max_original_bytes=512 * 1024, kafka_extra={"message.max.bytes": "300000"}
     )
     raw = b'{"post_id": "huge", "text": "' + b"x" * 250_000  # broken JSON: a dead letter of ~330 KB
     produce_all(s.bootstrap_servers, s.posts_topic, [(None, raw), (None, post("after", "a", "next post"))])
@@ -556,10 +444,10 @@ def test_an_output_over_the_message_size_is_re_sent_trimmed(settings: Settings) 
 
 
 @pytest.mark.integration
-def test_stop_with_a_hung_engine_returns_within_the_shutdown_timeout(settings: Settings) -> None:
+def test_stop_with_a_hung_engine_returns_within_the_shutdown_timeout(kafka_settings: Settings) -> None:
     """SIGTERM (``stop``) while every request hangs: the worker waits SHUTDOWN_TIMEOUT_S, commits nothing
     past the unanswered posts, and returns (they are re-delivered to the next worker)."""
-    s = one_partition(settings, shutdown_timeout_s=1.0)
+    s = one_partition(kafka_settings, shutdown_timeout_s=1.0)
     produce_all(s.bootstrap_servers, s.posts_topic, [(None, post(f"h{i}", "a", f"t {i}")) for i in range(5)])
     engine = FakeStreamingEngine(hang=lambda _pid: True)
     engine.enter_at = 5

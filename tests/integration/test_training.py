@@ -126,10 +126,10 @@ def test_balance_and_ratios() -> None:
 
 @pytest.mark.integration
 def test_export_from_real_topics(
-    settings: Settings, services: Services, cpu_engine: CpuEngine, prompts: PromptSet, tmp_path: Path
+    kafka_settings: Settings, services: Services, cpu_engine: CpuEngine, prompts: PromptSet, tmp_path: Path
 ) -> None:
-    reviews_topic = settings.posts_topic + "-reviews"
-    create_topics(settings.bootstrap_servers, {reviews_topic: 1})
+    reviews_topic = kafka_settings.posts_topic + "-reviews"
+    create_topics(kafka_settings.bootstrap_servers, {reviews_topic: 1})
     s3 = services.s3_client()
     t0 = datetime(2026, 5, 1, tzinfo=UTC)
     values = []
@@ -164,11 +164,11 @@ def test_export_from_real_topics(
                 at=t0 + timedelta(minutes=20 + i),
             )
         )
-    p = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    p = Producer({"bootstrap.servers": kafka_settings.bootstrap_servers})
     for v in values:
-        p.produce(settings.posts_topic, v)
+        p.produce(kafka_settings.posts_topic, v)
     assert p.flush(10) == 0
-    build_worker(settings, cpu_engine).run(until_drained=True)
+    build_worker(kafka_settings, cpu_engine).run(until_drained=True)
 
     # reviewers label the images the CPU engine could not judge, and override one model label
     reviews = [
@@ -183,13 +183,13 @@ def test_export_from_real_topics(
         p.produce(reviews_topic, r.model_dump_json().encode(), r.post_id.encode())
     assert p.flush(10) == 0
 
-    moderator = build_moderator(settings, cpu_engine)
+    moderator = build_moderator(kafka_settings, cpu_engine)
     exp = TrainingExporter(
-        settings.bootstrap_servers,
+        kafka_settings.bootstrap_servers,
         prompts,
         moderator.fetcher,
-        posts_topic=settings.posts_topic,
-        verdicts_topic=settings.verdicts_topic,
+        posts_topic=kafka_settings.posts_topic,
+        verdicts_topic=kafka_settings.verdicts_topic,
         reviews_topic=reviews_topic,
     )
     out = tmp_path / "export"

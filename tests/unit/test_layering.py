@@ -55,7 +55,7 @@ CORE_UNOBSERVED = ("workers.observability.metrics", "prometheus_client")
 WORKERS_LAYERS: tuple[tuple[str, ...], ...] = (
     ("workers.settings", "workers.secrets", "workers.observability"),
     ("workers.media", "workers.cache"),
-    ("workers.pipeline",),
+    ("workers.pipeline", "workers.testing"),  # testing: fakes of the pipeline's seams
     ("workers.kafka",),
     (
         "workers.wiring",

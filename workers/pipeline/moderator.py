@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 
 import structlog
 
-from guard.errors import EngineError
+from guard.errors import EngineDeadError, EngineError
 from guard.types import GuardEngine, ModerationItem, StreamingEngine, Verdict
 from schemas.codec import decode_post
 from schemas.errors import RecordError
 from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
-from workers.cache import ContentKeyer, VerdictCache
-from workers.media import FetchedImage, MediaError, MediaFetcher, MediaUnavailable
+from workers.cache import ContentKeyer, VerdictStore
+from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.observability.sensors import Sensor, default_sensor
 from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
 from workers.settings import ParseErrorPolicy, Settings
@@ -67,8 +67,8 @@ class Moderator:
         self,
         settings: Settings,
         engine: GuardEngine | StreamingEngine,
-        fetcher: MediaFetcher | None,
-        cache: VerdictCache | None,
+        fetcher: ImageFetcher | None,
+        cache: VerdictStore | None,
         *,
         sensor: Sensor | None = None,
     ) -> None:
@@ -189,8 +189,9 @@ class Moderator:
 
     # ---------------------------------------------------------------- infer
     def infer(self, prepared: Sequence[Prepared]) -> list[Outcome]:
-        """The batch path (replay, offline tools): an S3 outage fails the call instead of becoming dead
-        letters (the streaming worker holds such records and retries them)."""
+        """The batch path (replay, offline tools): an S3 outage (``MediaUnavailable``) or a dead engine
+        (``EngineDeadError``) fails the call instead of becoming dead letters (the streaming worker holds
+        such records and retries them)."""
         down = next((p.unavailable for p in prepared if p.unavailable is not None), None)
         if down is not None:
             raise MediaUnavailable(down)
@@ -281,6 +282,11 @@ class Moderator:
                 verdicts = engine.moderate(batch)
                 if len(verdicts) != len(batch):
                     raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
+            except EngineDeadError:
+                # the engine is gone, no post is to blame: never retried item by item nor dead-lettered
+                # (the caller's outage, like MediaUnavailable in ``infer``)
+                self.sensor.on_engine_failure()
+                raise
             except Exception as exc:
                 self.sensor.on_engine_failure()
                 last = exc
