@@ -35,6 +35,7 @@ from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
 from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
+from workers.observability.sensors import RecordingSensor
 from workers.settings import Settings
 from workers.testing import FakeStreamingEngine
 from workers.wiring import build_fetcher, build_worker
@@ -324,13 +325,19 @@ def test_dead_engine_is_an_outage_not_a_dead_letter(kafka_settings: Settings) ->
     ids = feed(s, 20, "de")
     engine = FakeStreamingEngine()
     engine.dead.set()
-    worker = build_worker(s, engine)
+    sensor = RecordingSensor()
+    worker = build_worker(s, engine, sensor=sensor)
     errors: list[BaseException] = []
     t = run_in_thread(worker, errors, until_drained=True)
     wait_for(lambda: engine.started >= 40, 60, "the engine to be retried")  # 20 posts, each tried twice
     assert all(off <= 0 for off in committed(s).values())  # nothing past the first post
+    # the outage is reported: /readyz 503 and guardstream_ready 0 with the reason, while it lasts
+    assert worker.readiness() == (False, "engine unavailable")
+    assert (False, "engine unavailable") in sensor.ready
     engine.dead.clear()  # the engine comes back: the held posts go through
     t.join(120)
+    last_down = max(i for i, r in enumerate(sensor.ready) if r == (False, "engine unavailable"))
+    assert (True, "ready") in sensor.ready[last_down:], sensor.ready[-5:]  # and ready again once it is back
     assert not errors, errors
     outs = outputs(s)
     print(f"dead-engine: posts={len(ids)} requests={engine.started} outputs={len(outs)}")
@@ -400,7 +407,9 @@ def test_s3_outage_holds_image_posts_and_they_go_through_when_it_is_back(
     posts += [(f"tx{i}", post(f"tx{i}", "a", f"text {i}")) for i in range(6)]
     produce_all(s.bootstrap_servers, s.posts_topic, posts)
     flaky = FlakyFetcher(build_fetcher(s), fail=3)
-    build_worker(s, FakeStreamingEngine(), fetcher=flaky).run(until_drained=True)
+    sensor = RecordingSensor()
+    build_worker(s, FakeStreamingEngine(), fetcher=flaky, sensor=sensor).run(until_drained=True)
+    assert (False, "media (S3) unavailable") in sensor.ready  # reported on /readyz while it lasted
     outs = outputs(s)
     print(f"s3-outage: posts={len(posts)} fetch_calls={flaky.calls} outputs={len(outs)}")
     assert flaky.calls > 3
