@@ -257,19 +257,19 @@ class Settings(_Variables):
         """VLLM_MAX_PIXELS, whatever the engine: the media fetcher decodes no more than the engine uses."""
         return int(variable(self, "vllm_max_pixels"))
 
-    @model_validator(mode="after")
-    def _build_groups(self) -> Self:
+    def _groups_from_variables(self) -> Self:
         self._engine_config = engine_config_of(self)
         self._cache = group_of(self, "cache")
         return self
 
+    @model_validator(mode="after")
+    def _build_groups(self) -> Self:
+        return self._groups_from_variables()
+
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """As pydantic's, and the engine config follows an updated setting (model_copy runs no validator)."""
         copied = super().model_copy(update=update, deep=deep)
-        if update:
-            copied._engine_config = engine_config_of(copied)
-            copied._cache = group_of(copied, "cache")
-        return copied
+        return copied._groups_from_variables() if update else copied
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod
