@@ -61,6 +61,7 @@ from guard.vllm_engine import build_request
 from infra.stack import free_port
 from workers.demo.sample_feed import post
 from workers.pipeline.records import Outcome
+from workers.testing import OutcomeRecorder
 from workers.wiring import build_worker
 
 if TYPE_CHECKING:
@@ -285,12 +286,12 @@ def _worker_settings(env: Env, path: str, server: SimServerProcess | None, **kw:
     return env.settings(**base)
 
 
-def _build(s: Any, path: str, factory: SimFactory | None) -> Any:
+def _build(s: Any, path: str, factory: SimFactory | None, recorder: OutcomeRecorder) -> Any:
     if path == "vllm":
         assert factory is not None
         engine = build_streaming_engine(s.engine_config, vllm_llm_factory=factory)
-        return build_worker(s, engine)
-    return build_worker(s)
+        return build_worker(s, engine, observers=[recorder])
+    return build_worker(s, observers=[recorder])
 
 
 def _window_running(
@@ -327,15 +328,15 @@ def worker_backlog(
     s = _worker_settings(env, path, server)
     produce(s.bootstrap_servers, s.posts_topic, feed.values)
     factory = SimFactory(sim_cfg) if path == "vllm" else None
-    worker = _build(s, path, factory)
-    worker.keep_outcomes = True
-    worker.run(until_drained=True, on_batch=progress(f"worker → {path}, {feed.name}", len(feed.values)))
-    done, _, dead = _verdict_times(worker.stats.outcomes)
+    recorder = OutcomeRecorder(progress(f"worker → {path}, {feed.name}", len(feed.values)))
+    worker = _build(s, path, factory, recorder)
+    worker.run(until_drained=True)
+    done, _, dead = _verdict_times(recorder.outcomes)
     t0, t1, k = steady_window(done, 0)
     return Measured(
         k / (t1 - t0) if t1 > t0 else 0.0,
         _window_running(path, factory, server, t0, t1),
-        len(worker.stats.outcomes),
+        len(recorder.outcomes),
         dead_letters=dead,
         extra={"max_in_flight": float(getattr(worker, "max_in_flight", 0))},
     )
@@ -358,8 +359,6 @@ def worker_paced(
     warm, *values = make_values(n + 1)  # built before the clock: created_at is stamped at produce
     warm_id = json.loads(warm)["post_id"]
     factory = SimFactory(sim_cfg) if path == "vllm" else None
-    worker = _build(s, path, factory)
-    worker.keep_outcomes = True
     seen = [0]
     joined = threading.Event()
 
@@ -368,6 +367,9 @@ def worker_paced(
         joined.set()
         if seen[0] >= n + 1:
             worker.stop()
+
+    recorder = OutcomeRecorder(on_batch)
+    worker = _build(s, path, factory, recorder)
 
     def producer() -> None:
         p = Producer(
@@ -389,9 +391,9 @@ def worker_paced(
 
     t = threading.Thread(target=producer, name="paced-producer", daemon=True)
     t.start()
-    worker.run(on_batch=on_batch)
+    worker.run()
     t.join(60)
-    outs = [o for o in worker.stats.outcomes if o.post_id != warm_id]
+    outs = [o for o in recorder.outcomes if o.post_id != warm_id]
     done, lat, dead = _verdict_times(outs)
     t0, t1, _ = steady_window(done, 0)
     return Measured(

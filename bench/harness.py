@@ -36,6 +36,7 @@ from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
 from workers.pipeline.records import Outcome
 from workers.settings import Settings
+from workers.testing import OutcomeRecorder
 from workers.wiring import build_worker
 
 console = Console(width=max(Console().width, 150))  # the tables are wide; a pipe is not a terminal
@@ -188,8 +189,6 @@ def run_worker(s: Settings, engine: GuardEngine, n: int, label: str, keep: bool 
     """The worker draining ``n`` posts. The streaming worker reports outcomes per commit interval (too
     coarse to time a run of a second or two), so the clock is the verdicts' own ``decided_at`` (one per
     group of posts finished together): posts decided after the first group ÷ (last − first decided)."""
-    worker = build_worker(s, engine)
-    worker.keep_outcomes = keep
     decided = array("d")  # 8 bytes a post: the memory benchmark's peak RSS is not disturbed
     with progress() as prog:
         task = prog.add_task(label, total=n)
@@ -198,11 +197,12 @@ def run_worker(s: Settings, engine: GuardEngine, n: int, label: str, keep: bool 
             decided.extend(o.verdict.decided_at.timestamp() for o in outs if o.verdict is not None)
             prog.advance(task, len(outs))
 
-        worker.run(until_drained=True, on_batch=on_batch)
+        recorder = OutcomeRecorder(on_batch, keep=keep)
+        build_worker(s, engine, observers=[recorder]).run(until_drained=True)
     if len(decided) < 2:
-        return Run(0, 0.0, worker.stats.outcomes)
+        return Run(0, 0.0, recorder.outcomes)
     first, last = min(decided), max(decided)
-    return Run(sum(1 for t in decided if t > first), last - first, worker.stats.outcomes)
+    return Run(sum(1 for t in decided if t > first), last - first, recorder.outcomes)
 
 
 def table(title: str, cols: list[str], rows: list[list[str]]) -> None:

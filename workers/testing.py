@@ -12,7 +12,8 @@ This module has a deterministic fake for each, and helpers that build ``Record``
   and ``down`` for an outage (misses, writes dropped — what ``VerdictCache`` does with Redis gone);
 - ``FakeMediaFetcher`` — per-ref results: an image, a ``MediaError`` (that post's dead letter), a
   ``MediaUnavailable`` (the whole batch's outage) or any other exception (a bug);
-- ``make_post`` / ``record_of`` / ``records_of`` — ``Record``s as the Kafka worker would build them.
+- ``make_post`` / ``record_of`` / ``records_of`` — ``Record``s as the Kafka worker would build them;
+- ``OutcomeRecorder`` — an ``OutcomeObserver`` of the Kafka worker that keeps what each commit covered.
 
 Verdicts are a pure function of the content (``decision``), so a re-run decides identically.
 Each fake is one self-contained class: nothing here is shared state between them.
@@ -35,13 +36,14 @@ from guard.types import ModerationItem, Verdict
 from schemas.events import ErrorCode, ImageRef, PostEvent
 from schemas.wire import CachedVerdict, decode_cached, encode
 from workers.media import FetchedImage, MediaError, MediaUnavailable, bytes_per_pixel
-from workers.pipeline.records import Record
+from workers.pipeline.records import Outcome, Record
 
 __all__ = [
     "FakeBatchEngine",
     "FakeMediaFetcher",
     "FakeStreamingEngine",
     "InMemoryVerdictCache",
+    "OutcomeRecorder",
     "decision",
     "fake_verdict",
     "make_post",
@@ -381,3 +383,21 @@ def records_of(
 ) -> list[Record]:
     """Consecutive offsets from ``start`` on one partition."""
     return [record_of(p, topic=topic, partition=partition, offset=start + i) for i, p in enumerate(posts)]
+
+
+class OutcomeRecorder:
+    """An ``OutcomeObserver`` (``workers.kafka.checkpoint``): keeps every committed outcome (``keep``), and
+    calls ``then`` with each commit's (on the worker's main thread: it may call ``worker.stop()``)."""
+
+    def __init__(self, then: Callable[[list[Outcome]], None] | None = None, *, keep: bool = True) -> None:
+        self.outcomes: list[Outcome] = []
+        self.commits = 0
+        self._then = then
+        self._keep = keep
+
+    def on_committed(self, outcomes: Sequence[Outcome]) -> None:
+        self.commits += 1
+        if self._keep:
+            self.outcomes.extend(outcomes)
+        if self._then is not None:
+            self._then(list(outcomes))

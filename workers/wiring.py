@@ -77,7 +77,7 @@ def build_worker(
     """The streaming worker. ``engine``: a streaming engine, or a batch one (wrapped in a MicroBatcher);
     default: the configured engine. ``sensor``: one for the cache, the moderator, the engine loop and the
     Kafka loop (default: the process-wide Prometheus sensor). ``fetcher``: instead of the S3 fetcher
-    built from the settings (a test seam). ``kw`` goes to ``KafkaWorker`` (``on_event``)."""
+    built from the settings (a test seam). ``kw`` goes to ``KafkaWorker`` (``on_event``, ``observers``)."""
     eng = streaming(settings, engine) if engine is not None else build_streaming_engine(settings)
     sensor = sensor if sensor is not None else default_sensor()
     moderator = build_moderator(settings, eng, sensor=sensor, fetcher=fetcher)

@@ -24,6 +24,7 @@ from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import BrokerUnavailable, KafkaWorker
 from workers.pipeline.records import Outcome
 from workers.settings import Settings
+from workers.testing import OutcomeRecorder
 from workers.wiring import build_worker
 
 pytestmark = pytest.mark.integration
@@ -69,7 +70,6 @@ def test_broker_outage_past_the_deadline_exits_with_a_clear_error(
 ) -> None:
     s = own_broker_settings(kafka_settings, memory_broker, broker_deadline_s=3.0)
     ids = feed(s, 12, "down")
-    worker = build_worker(s, cpu_engine)
     killed_at: list[float] = []
 
     def on_batch(_outs: list[Outcome]) -> None:
@@ -77,8 +77,9 @@ def test_broker_outage_past_the_deadline_exits_with_a_clear_error(
             memory_broker.stop(kill=True)
             killed_at.append(time.monotonic())
 
+    worker = build_worker(s, cpu_engine, observers=[OutcomeRecorder(on_batch, keep=False)])
     with capture_logs() as logs, pytest.raises(BrokerUnavailable, match="deadline 3s"):
-        worker.run(idle_timeout_s=60, on_batch=on_batch)
+        worker.run(idle_timeout_s=60)
     waited = time.monotonic() - killed_at[0]
     events = [e["event"] for e in logs]
     print(f"broker-outage: posts={len(ids)} published={worker.stats.verdicts} gave up after {waited:.1f}s")
@@ -130,7 +131,6 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
         )
         ids = feed(s, 120, "durable")
         seen = Observer()
-        worker = build_worker(s, cpu_engine, on_event=seen)
         halfway, restarted = threading.Event(), threading.Event()
 
         def restart() -> None:
@@ -153,8 +153,9 @@ def test_broker_restart_mid_run_on_durable_storage_loses_nothing(
             if worker.stats.consumed >= len(ids) // 3:
                 halfway.set()
 
+        worker = build_worker(s, cpu_engine, on_event=seen, observers=[OutcomeRecorder(on_batch, keep=False)])
         with capture_logs() as logs:
-            worker.run(until_drained=True, on_batch=on_batch)
+            worker.run(until_drained=True)
         t.join(60)
         events = [e["event"] for e in logs]
         assert restarted.is_set() and seen.broker_down.is_set(), "the outage was never noticed"

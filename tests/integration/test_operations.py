@@ -21,6 +21,7 @@ from workers.kafka.topics import produce_all
 from workers.observability.metrics import HEALTH, start_metrics_server
 from workers.observability.sensors import PrometheusSensor, RecordingSensor
 from workers.settings import Settings
+from workers.testing import OutcomeRecorder
 from workers.wiring import build_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,9 +52,11 @@ def test_metrics_and_health_are_served(
             if httpx.get(f"{base}/readyz").status_code == 200:
                 ready_seen.set()
 
-        build_worker(kafka_settings.model_copy(update={"lag_interval_s": 0.01}), cpu_engine).run(
-            until_drained=True, on_batch=on_batch
-        )
+        build_worker(
+            kafka_settings.model_copy(update={"lag_interval_s": 0.01}),
+            cpu_engine,
+            observers=[OutcomeRecorder(on_batch, keep=False)],
+        ).run(until_drained=True)
         after = httpx.get(f"{base}/metrics").text
         assert ready_seen.is_set(), "readiness was not reported while partitions were assigned"
         assert httpx.get(f"{base}/healthz").status_code == 200

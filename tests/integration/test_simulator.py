@@ -39,6 +39,7 @@ from tests.conftest import BUCKET, Services
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
 from workers.settings import Settings
+from workers.testing import OutcomeRecorder
 from workers.wiring import build_worker
 
 FAST = SimConfig(time_scale=0.0)  # steps as fast as the loop turns; modelled time still counts
@@ -236,10 +237,9 @@ def test_worker_keeps_the_simulated_gpu_full(services: Services, kafka_settings:
 
     s = kafka_settings.model_copy(update={"engine": "vllm"})
     engine = build_streaming_engine(s.engine_config, vllm_llm_factory=factory)
-    worker = build_worker(s, engine)
-    worker.keep_outcomes = True
-    worker.run(until_drained=True)
-    outs = worker.stats.outcomes
+    recorder = OutcomeRecorder()
+    build_worker(s, engine, observers=[recorder]).run(until_drained=True)
+    outs = recorder.outcomes
     assert sorted(o.post_id or "" for o in outs) == sorted(f"{tag}-{i}" for i in range(n))
     verdicts = [o.verdict for o in outs if o.verdict is not None]
     # the only dead letters the simulator can cause: an output past max_tokens (truncated, unparseable)

@@ -193,3 +193,18 @@ def test_the_core_does_not_import_the_metrics(tmp_path: Path) -> None:
 def test_dependencies_flow_one_way() -> None:
     bad = violations()
     assert not bad, "backwards imports:\n" + "\n".join(bad)
+
+
+def test_the_worker_loop_is_the_top_of_workers_kafka() -> None:
+    """``workers/kafka/worker.py`` composes the Kafka parts (checkpoint, publisher, broker watch, outages,
+    run conditions, offsets, client configs); none of them reaches back up into the loop."""
+    kafka = ROOT / "workers" / "kafka"
+    parts = [p for p in kafka.glob("*.py") if p.name not in ("worker.py", "__init__.py")]
+    assert {p.stem for p in parts} >= {"checkpoint", "publisher", "broker_watch", "outages", "run_until"}
+    bad = [
+        f"{p.relative_to(ROOT).as_posix()}:{line} imports {module}"
+        for p in parts
+        for line, module in imported_modules(p)
+        if module == "workers.kafka.worker"
+    ]
+    assert not bad, bad
