@@ -54,7 +54,7 @@ def build_engine(config: EngineConfig | EngineKind | str | None = None) -> Guard
     require_engine_extras(c.kind)
     prompts = _prompts(c)
     if isinstance(c, CpuConfig):
-        from guard.cpu import CpuEngine
+        from guard.engines.cpu.engine import CpuEngine
 
         return CpuEngine(prompts, c)
     if isinstance(c, VllmConfig):
