@@ -58,14 +58,14 @@ def build_engine(config: EngineConfig | EngineKind | str | None = None) -> Guard
 
         return CpuEngine(prompts, c)
     if isinstance(c, VllmConfig):
-        from guard.vllm_engine import VllmEngine
+        from guard.engines.vllm import VllmEngine
 
         return VllmEngine(prompts, c)
     if isinstance(c, ServerConfig):
-        from guard.server_engine import ServerEngine
+        from guard.engines.server import ServerEngine
 
         return ServerEngine(prompts, c)
-    from guard.hf_engine import TransformersEngine
+    from guard.engines.hf import TransformersEngine
 
     return TransformersEngine(prompts, c)
 
@@ -83,7 +83,7 @@ def build_streaming_engine(
     ``config``: as for ``build_engine``. ``max_batch_size``/``max_wait_s`` only shape the micro-batches of
     batch-native backends (cpu, transformers). ``vllm_llm_factory``/``vllm_sampling_params_factory``
     replace vLLM's ``AsyncLLM`` and ``SamplingParams`` (tests, the bench's simulator); see
-    ``guard.vllm_engine`` for the interface.
+    ``guard.engines.vllm`` for the interface.
 
     Build it outside the worker's engine event loop (loading a model takes minutes); both generative
     engines attach to the loop that first awaits ``judge``.
@@ -92,11 +92,11 @@ def build_streaming_engine(
     if isinstance(c, VllmConfig):
         if vllm_llm_factory is None:
             require("gpu", "vllm")
-        from guard.vllm_engine import AsyncVllmEngine
+        from guard.engines.vllm import AsyncVllmEngine
 
         return AsyncVllmEngine(_prompts(c), c, vllm_llm_factory, vllm_sampling_params_factory)
     if isinstance(c, ServerConfig):
-        from guard.server_engine import AsyncServerEngine
+        from guard.engines.server import AsyncServerEngine
 
         return AsyncServerEngine(_prompts(c), c)
     from guard.streaming import MicroBatcher
