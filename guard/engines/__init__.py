@@ -1,4 +1,11 @@
-"""Engine construction from an engine config (``guard.config``: one model per engine, selected by ``kind``).
+"""The engines, and their construction from an engine config (``guard.config``: one model per engine,
+selected by ``kind``).
+
+One module (or subpackage) per backend: ``cpu/`` (MiniLM and a trained head), ``vllm`` (ProGuard on
+in-process vLLM), ``server`` (ProGuard behind an OpenAI-compatible ``vllm serve``), ``hf`` (ProGuard on
+transformers). Each is imported only when its kind is built, so an engine's extra is needed only where that
+engine runs. They sit on the shared parts of ``guard`` (types, errors, config, prompts, taxonomy, parser,
+chat, streaming, embeddings) and never on each other (``tests/unit/test_layering.py``).
 
 ``build_streaming_engine`` is what the worker uses: every backend behind the per-request
 ``StreamingEngine`` seam (generative ones natively, batch-native ones through ``MicroBatcher``).
