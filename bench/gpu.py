@@ -52,12 +52,12 @@ from bench.clients import (
 from bench.gpu_sim import GpuSim, SimAsyncLLM, SimConfig, mean_running
 from bench.sim_server import SimServerProcess
 from guard.engines import build_streaming_engine
+from guard.engines.server import ServerConfig, request_body
+from guard.engines.vllm import build_request
 from guard.prompts import PromptSet
 from guard.samples import drawn_image, png_bytes
-from guard.server_engine import ServerConfig, request_body
 from guard.taxonomy import Taxonomy
 from guard.types import ModerationItem
-from guard.vllm_engine import build_request
 from infra.stack import free_port
 from workers.demo.sample_feed import post
 from workers.pipeline.records import Outcome

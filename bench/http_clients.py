@@ -29,8 +29,8 @@ import httpx
 from bench.clients import keep_in_flight
 from bench.gpu_sim import SimConfig
 from bench.sim_server import SimServerProcess
+from guard.engines.server import ServerConfig, request_body
 from guard.prompts import PromptSet
-from guard.server_engine import ServerConfig, request_body
 from guard.taxonomy import Taxonomy
 from guard.types import ModerationItem
 from infra.stack import free_port

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from guard.hf_engine import TransformersConfig, TransformersEngine
+from guard.engines.hf import TransformersConfig, TransformersEngine
 from guard.prompts import PromptSet
 from guard.streaming import MicroBatcher
 from guard.taxonomy import Taxonomy

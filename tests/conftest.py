@@ -16,7 +16,7 @@ import boto3
 import pytest
 import redis
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
 from infra.stack import Broker, RedisServer, S3Server, create_topics, ensure_bucket, free_port

@@ -1,12 +1,12 @@
 """Rebuild the CPU engine's head: ``python -m training.cpu_head`` (a few minutes on 2 CPU cores).
 
-1. ``guard.cpu_data.build_dataset()``: the project's own templated training set, split by template.
+1. ``guard.engines.cpu.data.build_dataset()``: the project's own templated training set, split by template.
 2. Embed every row with the shipped MiniLM (the engine's own encoder, so train and serve match).
 3. Fit a tiny MLP (384 -> hidden -> safe + 28 subcategories) on ``train`` with torch, full batch,
    seeded, single-threaded math: the same inputs give the same weights.
 4. Fit the isotonic calibration of ``p_unsafe`` on ``calib``; pick there the operating point (benign
    false-positive rate <= ``TARGET_BENIGN_FPR``) and the novel-risk confidence.
-5. Write ``guard/data/cpu_head.npz`` and print the held-out report (``guard.cpu_report``) on ``test``.
+5. Write ``guard/data/cpu_head.npz`` and print the held-out report (``guard.engines.cpu.report``) on ``test``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from guard.cpu_data import Example, build_dataset, digest
-from guard.cpu_head import HEAD_PATH, CpuHead
-from guard.cpu_metrics import average_precision, isotonic_fit
 from guard.embeddings import FloatArray, shared_embedder
+from guard.engines.cpu.data import Example, build_dataset, digest
+from guard.engines.cpu.head import HEAD_PATH, CpuHead
+from guard.engines.cpu.metrics import average_precision, isotonic_fit
 from guard.taxonomy import Taxonomy
 
 log = structlog.get_logger()
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     build(a.out, a.seed, a.hidden)
     if not a.no_report:
-        from guard.cpu_report import print_report, report
+        from guard.engines.cpu.report import print_report, report
 
         print_report(report(head_path=a.out))
 

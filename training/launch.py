@@ -228,8 +228,8 @@ def tiny_vl_processor() -> Any:
     pixels around ``guard.gpu_proof``'s locally built tokenizer (byte-level BPE, Qwen's special tokens at
     their published ids, so ``<|image_pad|>`` is the id the model config expects), with the dry run's
     Qwen2.5-VL chat template. No download."""
+    from guard.engines.hf import TransformersConfig
     from guard.gpu_proof import build_processor, build_tokenizer
-    from guard.hf_engine import TransformersConfig
 
     tok, _ = build_tokenizer(TINY_CORPUS_CHARS)
     tok.chat_template = QWEN2_5_VL_TEMPLATE

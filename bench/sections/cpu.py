@@ -1,5 +1,5 @@
 """Section 4 (``cpu``): the default CPU engine (MiniLM + trained intent head) against the prototype
-engine it replaced, each in a fresh interpreter (``guard.cpu_report.speed``: its own peak RSS), in the
+engine it replaced, each in a fresh interpreter (``guard.engines.cpu.report.speed``: its own peak RSS), in the
 same run: short posts in batches of 32, long posts (several hundred words: every window embedded) in
 batches of 8.
 """
@@ -17,7 +17,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
 
 def bench_cpu_engine(n: int) -> dict[str, Any]:
-    from guard.cpu_report import speed
+    from guard.engines.cpu.report import speed
 
     n_long = max(16, n // 16)
     head, proto = speed("head", n, n_long), speed("prototype", n, n_long)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from tests.conftest import Services
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_topic

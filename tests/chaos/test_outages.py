@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from infra.stack import Broker, create_topics, ensure_bucket
 from tests.conftest import Services
 from tests.engines import GatedEngine

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from guard.cpu import CpuEngine, CpuEngineConfig
+from guard.engines.cpu.engine import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
 from infra.stack import create_topics

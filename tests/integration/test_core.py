@@ -10,7 +10,7 @@ import uuid
 import pytest
 import redis
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image, png_bytes

@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 
 from guard.chat import IMAGE_PLACEHOLDER, p_unsafe_from_logprobs, render_qwen2_5_vl
 from guard.engines import EngineKind, build_engine, build_streaming_engine
+from guard.engines.hf import TransformersEngine
+from guard.engines.server import ServerConfig, ServerEngine
+from guard.engines.vllm import VllmConfig, VllmEngine
 from guard.errors import EngineError
-from guard.hf_engine import TransformersEngine
 from guard.parser import format_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image
-from guard.server_engine import ServerConfig, ServerEngine
 from guard.types import GuardEngine, ModerationItem
-from guard.vllm_engine import VllmConfig, VllmEngine
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize
 
@@ -389,7 +389,7 @@ def test_worker_rides_out_a_server_outage_without_dead_letters(
     Every post gets its verdict and none is dead-lettered: within dead_after_s each request keeps
     retrying; past it the engine is dead and the worker holds the posts and re-submits them. Before,
     each request gave up after 3 attempts (~1 s) and the worker dead-lettered it ``engine_failed``."""
-    from guard.server_engine import AsyncServerEngine
+    from guard.engines.server import AsyncServerEngine
     from workers.demo.sample_feed import post
     from workers.kafka.topics import produce_all, read_topic
     from workers.wiring import build_worker

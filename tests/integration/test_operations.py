@@ -12,7 +12,7 @@ import pytest
 import yaml
 from confluent_kafka import TopicPartition
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from infra.stack import free_port
 from tests.conftest import Services
 from workers.demo.sample_feed import post

@@ -20,7 +20,7 @@ import redis
 import structlog
 from confluent_kafka import Producer
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from infra.stack import LocalStack, create_topics, free_port
 from schemas.events import json_schemas
 from tests.conftest import Services

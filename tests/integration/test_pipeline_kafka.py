@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from tests.conftest import Services
 from workers.demo.sample_feed import build_feed, post
 from workers.kafka.topics import end_offsets as topic_end_offsets

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from guard.cpu import CpuEngine
 from guard.engines import EngineKind
+from guard.engines.cpu.engine import CpuEngine
 from infra.stack import free_port
 from tests.conftest import Services
 from workers.preflight import (

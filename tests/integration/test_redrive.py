@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from guard.samples import drawn_image, png_bytes
 from tests.conftest import BUCKET, Services
 from workers.demo.sample_feed import post

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from guard.cpu import CpuEngine, CpuEngineConfig
+from guard.engines.cpu.engine import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
 from guard.samples import TEXTS
 from schemas.events import AuditRecord

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from guard.cpu import CpuEngine, CpuEngineConfig
+from guard.engines.cpu.engine import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
 from guard.samples import TEXTS
 from guard.taxonomy import Taxonomy

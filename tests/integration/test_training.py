@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from guard.cpu import CpuEngine
+from guard.engines.cpu.engine import CpuEngine
 from guard.prompts import PromptSet
 from guard.samples import drawn_image, png_bytes
 from infra.stack import create_topics

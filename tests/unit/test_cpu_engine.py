@@ -3,7 +3,7 @@ training data (cpu_exemplars.yaml, cpu_train_templates.yaml)."""
 
 from __future__ import annotations
 
-from guard.cpu import CpuEngine, CpuEngineConfig
+from guard.engines.cpu.engine import CpuEngine, CpuEngineConfig
 from guard.prompts import PromptSet
 from guard.samples import drawn_image
 from guard.types import ModerationItem

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.cpu import CpuEngine
-from guard.cpu_data import build_dataset, digest
-from guard.cpu_head import HEAD_PATH, MAX_WINDOWS, CpuHead, windows
-from guard.cpu_metrics import average_precision, isotonic_fit
-from guard.cpu_novel import candidates, salient_phrase
-from guard.cpu_report import report
+from guard.engines.cpu.data import build_dataset, digest
+from guard.engines.cpu.engine import CpuEngine
+from guard.engines.cpu.head import HEAD_PATH, MAX_WINDOWS, CpuHead, windows
+from guard.engines.cpu.metrics import average_precision, isotonic_fit
+from guard.engines.cpu.novel import candidates, salient_phrase
+from guard.engines.cpu.report import report
 from guard.taxonomy import Taxonomy
 from guard.types import ModerationItem
 

@@ -109,7 +109,7 @@ def test_model_copy_rebuilds_the_engine_config() -> None:
     s = Settings()
     t = s.model_copy(update={"cpu_threshold": 0.9})
     assert isinstance(t.engine_config, CpuConfig) and t.engine_config.threshold == 0.9
-    # unset: the shipped head's own operating point (guard.cpu.CpuEngine reads it from the head)
+    # unset: the shipped head's own operating point (guard.engines.cpu.engine reads it from the head)
     assert isinstance(s.engine_config, CpuConfig) and s.engine_config.threshold is None
     v = s.model_copy(update={"engine": "vllm", "vllm_model": "/m"})
     assert isinstance(v.engine_config, VllmConfig) and v.engine_config.model == "/m"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from guard.engines.hf import TransformersConfig, TransformersEngine, dtype_kwargs
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
-from guard.hf_engine import TransformersConfig, TransformersEngine, dtype_kwargs
 from guard.prompts import PromptSet
 from guard.types import ModerationItem, Verdict
 
@@ -119,7 +119,7 @@ def test_top_logprobs_matches_a_per_row_reference() -> None:
     log-softmax gives: same values, same ids, laid out [row][step][k]."""
     import torch
 
-    from guard.hf_engine import _top_logprobs
+    from guard.engines.hf import _top_logprobs
 
     g = torch.Generator().manual_seed(0)
     steps = [torch.randn(3, 50, generator=g) for _ in range(4)]

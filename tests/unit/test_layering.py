@@ -21,6 +21,13 @@ secrets and observability know nothing above them; media and the cache sit on th
 applications (wiring, audit, alerts, console, reviews, redrive, tail, produce, preflight, demo) on
 ``kafka``; ``cli`` on everything. A module imports only from its own layer or below.
 
+Inside ``guard`` the engines (``guard/engines/``: one module or subpackage per backend, and the registry
+``guard.engines`` that builds them) sit on the shared parts (types, errors, config, prompts, taxonomy, parser,
+chat, streaming, embeddings, samples): a shared module imports no engine (``GUARD_ENGINE_USERS``, the device
+checks that drive the engines, may), and an engine imports neither another engine nor the registry. Outside
+``guard``, ``workers`` reaches the engines only through the registry (``build_streaming_engine``,
+``EngineKind``), never an engine's module; ``bench``, ``training`` and ``tests`` may use an engine directly.
+
 The core -- ``workers/pipeline/``, ``workers/kafka/`` and ``workers/cache.py`` -- reports what it observes
 to an injected ``workers.observability.sensors.Sensor``: it imports neither ``workers.observability.metrics``
 (the Prometheus objects and the health state) nor ``prometheus_client`` (``CORE_UNOBSERVED``).
@@ -46,6 +53,15 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 INFRA_ALLOWED = ("infra/", "workers/cli/", "workers/demo", "bench/", "tests/")
 # the composition root may reach up into `training`
 TRAINING_ALLOWED_IN_WORKERS = ("workers/cli/",)
+# guard's engines: guard/engines/<engine>.py or guard/engines/<engine>/, built by the registry guard.engines
+ENGINES_DIR = ROOT / "guard" / "engines"
+ENGINES = frozenset(
+    p.stem if p.suffix == ".py" else p.name
+    for p in ENGINES_DIR.iterdir()
+    if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+)
+# guard modules outside guard/engines/ that may drive the engines: the device checks
+GUARD_ENGINE_USERS = ("guard/gpu_smoke.py", "guard/gpu_proof.py")
 # the core reports to an injected sensor: it never calls the Prometheus objects itself
 CORE = ("workers/pipeline/", "workers/kafka/", "workers/cache.py")
 CORE_UNOBSERVED = ("workers.observability.metrics", "prometheus_client")
@@ -106,6 +122,30 @@ def python_files() -> list[Path]:
     return sorted(files)
 
 
+def engine_of(name: str) -> str | None:
+    """The engine a dotted module or a '/'-separated path belongs to (``guard.engines.cpu.head`` ->
+    ``cpu``), or None (the registry ``guard.engines``, a name imported from it, anything else)."""
+    parts = name.removesuffix(".py").replace("/", ".").split(".")
+    if parts[:2] == ["guard", "engines"] and len(parts) > 2 and parts[2] in ENGINES:
+        return parts[2]
+    return None
+
+
+def engines_problem(rel: str, module: str) -> str | None:
+    """Why ``rel`` may not import ``module`` under the engines' rules, or None."""
+    if module != "guard.engines" and not module.startswith("guard.engines."):
+        return None
+    mine, theirs = engine_of(rel), engine_of(module)
+    if rel.startswith("guard/engines/"):
+        if mine is not None and theirs != mine:  # the registry (guard/engines/__init__.py) may build any
+            return "an engine must not depend on another engine or on the registry"
+    elif rel.startswith("guard/") and rel not in GUARD_ENGINE_USERS:
+        return "guard's shared modules sit below the engines"
+    elif rel.startswith("workers/") and theirs is not None:
+        return "workers reach the engines through the registry (guard.engines), not an engine's module"
+    return None
+
+
 def problem(rel: str, module: str) -> str | None:
     """Why file ``rel`` (repo-relative, '/'-separated) may not import ``module``, or None if it may."""
     owner = rel.split("/", 1)[0]
@@ -124,7 +164,7 @@ def problem(rel: str, module: str) -> str | None:
         theirs = workers_layer(module)
         if mine is not None and theirs is not None and theirs > mine:
             return "a lower part of workers must not depend on a higher one"
-    return None
+    return engines_problem(rel, module)
 
 
 def violations() -> list[str]:
@@ -188,6 +228,30 @@ def test_the_core_does_not_import_the_metrics(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
     src.write_text("from workers.observability import metrics\n")
     assert (1, "workers.observability.metrics") in imported_modules(src)
+
+
+def test_the_engines_sit_on_guards_shared_parts() -> None:
+    assert sorted(ENGINES) == ["cpu", "hf", "server", "vllm"]  # a new engine is placed here on purpose
+    assert engine_of("guard.engines.cpu.head") == engine_of("guard/engines/cpu/report.py") == "cpu"
+    assert engine_of("guard.engines.build_engine") is None and engine_of("guard/engines/__init__.py") is None
+    # an engine uses the shared parts and its own modules, not another engine nor the registry
+    assert problem("guard/engines/cpu/engine.py", "guard.engines.cpu.head") is None
+    assert problem("guard/engines/vllm.py", "guard.chat") is None
+    assert problem("guard/engines/cpu/report.py", "guard.engines.vllm")
+    assert problem("guard/engines/server.py", "guard.engines.vllm.build_request")
+    assert problem("guard/engines/hf.py", "guard.engines")
+    # the registry builds them all; a shared module knows none of them, the device checks may
+    assert problem("guard/engines/__init__.py", "guard.engines.hf") is None
+    assert problem("guard/streaming.py", "guard.engines.cpu.engine")
+    assert problem("guard/config.py", "guard.engines")
+    assert problem("guard/gpu_smoke.py", "guard.engines") is None
+    assert problem("guard/gpu_proof.py", "guard.engines.hf") is None
+    # workers build engines through the registry; bench, training and tests may use one directly
+    assert problem("workers/wiring.py", "guard.engines.build_streaming_engine") is None
+    assert problem("workers/cli/check.py", "guard.engines.EngineKind") is None
+    assert problem("workers/preflight.py", "guard.engines.cpu.engine")
+    assert problem("bench/gpu.py", "guard.engines.server") is None
+    assert problem("training/cpu_head.py", "guard.engines.cpu.head") is None
 
 
 def test_dependencies_flow_one_way() -> None:

