@@ -209,16 +209,16 @@ class KafkaWorker:
         self._broker_down_since: float | None = None
         self._next_probe = 0.0
         self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
-        self.transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
+        self.transactional = settings.kafka.delivery is DeliveryMode.EXACTLY_ONCE
         pcfg = {**producer_config(settings), "error_cb": self._on_kafka_error}
         if self.transactional:
             pcfg["transactional.id"] = (
-                settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
+                settings.kafka.transactional_id or f"{settings.kafka.group_id}-{socket.gethostname()}"
             )
         self.producer = Producer(pcfg)
         if self.transactional:
             # fences any zombie with the same id and aborts its open transaction
-            self.producer.init_transactions(settings.produce_timeout_s)
+            self.producer.init_transactions(settings.kafka.produce_timeout_s)
         # exactly-once: outputs of the current interval, produced only inside the short transaction at
         # its end (a transaction open for the whole interval would be what a kill -9 nearly always hits)
         self._txn_buffer: list[tuple[Job, Output]] = []
@@ -229,10 +229,10 @@ class KafkaWorker:
         self._media_held: list[tuple[int, Record]] = []  # S3 unavailable: prepared again after backoff
         # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
         # decoded image posts that do not fit wait here, unfetched, and admission stops (backpressure)
-        self.images = ImageBudget.for_target(settings.inflight_image_bytes, settings.target_pixels)
+        self.images = ImageBudget.for_target(settings.media.inflight_image_bytes, settings.target_pixels)
         self._budget_held: list[tuple[int, Prepared]] = []
         self._engine_outage = _Outage("engine", settings.engine_deadline_s, settings.outage_backoff_s)
-        self._media_outage = _Outage("media", settings.media_deadline_s, settings.outage_backoff_s)
+        self._media_outage = _Outage("media", settings.media.deadline_s, settings.outage_backoff_s)
         self.offsets = Offsets()
         self._failures: list[str] = []  # delivery errors (served on the main thread by poll/flush)
         self._too_large: list[tuple[Job, Output]] = []
@@ -244,10 +244,10 @@ class KafkaWorker:
         self._last_commit = time.monotonic()
         self.lag = LagReporter(
             self.consumer,
-            topic=settings.posts_topic,
-            group_id=settings.group_id,
+            topic=settings.kafka.posts_topic,
+            group_id=settings.kafka.group_id,
             # not idle before the group had a chance to assign us something (a session timeout)
-            idle_after_s=settings.session_timeout_ms / 1000.0,
+            idle_after_s=settings.kafka.session_timeout_ms / 1000.0,
             sensor=self.sensor,
         )
         # end offset of each partition as last reported by an end-of-partition event (librdkafka reports
@@ -287,8 +287,8 @@ class KafkaWorker:
                 log.warning(
                     "broker_unreachable_retrying",
                     error=err.str(),
-                    deadline_s=self.s.broker_deadline_s,
-                    bootstrap=self.s.bootstrap_servers,
+                    deadline_s=self.s.kafka.broker_deadline_s,
+                    bootstrap=self.s.kafka.bootstrap_servers,
                 )
                 self._event("broker_down")
         else:
@@ -303,21 +303,21 @@ class KafkaWorker:
             return
         self._next_probe = now + 1.0
         try:
-            self.consumer.list_topics(self.s.posts_topic, timeout=1.0)
+            self.consumer.list_topics(self.s.kafka.posts_topic, timeout=1.0)
         except KafkaException as exc:
             down_for = time.monotonic() - since
             self.sensor.on_broker_down(down_for)
-            if down_for > self.s.broker_deadline_s:
+            if down_for > self.s.kafka.broker_deadline_s:
                 log.error(
                     "broker_unavailable_giving_up",
                     down_for_s=round(down_for, 1),
-                    deadline_s=self.s.broker_deadline_s,
-                    bootstrap=self.s.bootstrap_servers,
+                    deadline_s=self.s.kafka.broker_deadline_s,
+                    bootstrap=self.s.kafka.bootstrap_servers,
                     error=str(exc),
                 )
                 raise BrokerUnavailable(
-                    f"no broker at {self.s.bootstrap_servers} answered for {down_for:.0f}s "
-                    f"(deadline {self.s.broker_deadline_s:g}s, GUARDSTREAM_BROKER_DEADLINE_S)"
+                    f"no broker at {self.s.kafka.bootstrap_servers} answered for {down_for:.0f}s "
+                    f"(deadline {self.s.kafka.broker_deadline_s:g}s, GUARDSTREAM_BROKER_DEADLINE_S)"
                 ) from None
             return
         log.info("broker_reachable_again", down_for_s=round(time.monotonic() - since, 1))
@@ -417,7 +417,9 @@ class KafkaWorker:
     ) -> RunStats:
         """Run until ``stop()`` (SIGTERM), or until every assigned partition is consumed to its end.
         ``on_batch`` is called after each commit with the outcomes published since the previous one."""
-        self.consumer.subscribe([self.s.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer.subscribe(
+            [self.s.kafka.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         self.lag.restart()
         self._on_batch = on_batch
         last_progress = time.monotonic()
@@ -782,12 +784,14 @@ class KafkaWorker:
 
     def _flush_acks(self) -> None:
         """Wait (bounded by ``produce_timeout_s``) for the acks of everything produced so far."""
-        remaining = self.producer.flush(self.s.produce_timeout_s)
+        remaining = self.producer.flush(self.s.kafka.produce_timeout_s)
         self._raise_delivery_failures()
         if self._too_large:
-            remaining = self.producer.flush(self.s.produce_timeout_s)
+            remaining = self.producer.flush(self.s.kafka.produce_timeout_s)
         if remaining:
-            raise PublishError(f"{remaining} output(s) unacknowledged after {self.s.produce_timeout_s:g}s")
+            raise PublishError(
+                f"{remaining} output(s) unacknowledged after {self.s.kafka.produce_timeout_s:g}s"
+            )
 
     # ------------------------------------------------------------ commit
     def _maybe_commit(self) -> None:
@@ -818,7 +822,7 @@ class KafkaWorker:
         pending = self.offsets.pending_commits(only)
         if pending:
             offsets = [TopicPartition(t, p, off) for (t, p), off in pending.items()]
-            give_up = time.monotonic() + self.s.broker_deadline_s
+            give_up = time.monotonic() + self.s.kafka.broker_deadline_s
             while True:
                 try:
                     self.consumer.commit(offsets=offsets, asynchronous=False)
@@ -863,13 +867,13 @@ class KafkaWorker:
                 self.producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, off) for (t, p), off in pending.items()],
                     self.consumer.consumer_group_metadata(),
-                    self.s.produce_timeout_s,
+                    self.s.kafka.produce_timeout_s,
                 )
-            self.producer.commit_transaction(self.s.produce_timeout_s)
+            self.producer.commit_transaction(self.s.kafka.produce_timeout_s)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if err is not None and getattr(err, "txn_requires_abort", lambda: False)():
-                self.producer.abort_transaction(self.s.produce_timeout_s)
+                self.producer.abort_transaction(self.s.kafka.produce_timeout_s)
             raise PublishError(f"transaction failed, nothing committed: {exc}") from exc
         self._draining = False
         self._raise_delivery_failures()
