@@ -221,7 +221,9 @@ class Ingester:
         from workers.kafka.config import consumer_config
 
         # the worker's consumer settings (kafka_extra included) under the console's own group
-        return Consumer(consumer_config(self.s.model_copy(update={"group_id": self.s.console_group_id})))
+        return Consumer(
+            consumer_config(self.s.kafka.model_copy(update={"group_id": self.s.console_group_id}))
+        )
 
     def run(self) -> None:
         from workers.kafka.admin import create_topics

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from workers.observability.logging import kafka_logger
-from workers.settings import Settings
+from workers.settings import KafkaSettings
 
 
 def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -27,38 +27,38 @@ def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[
     return cfg
 
 
-def consumer_config(s: Settings) -> dict[str, Any]:
+def consumer_config(k: KafkaSettings) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "bootstrap.servers": s.kafka.bootstrap_servers,
-        "group.id": s.kafka.group_id,
+        "bootstrap.servers": k.bootstrap_servers,
+        "group.id": k.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": s.kafka.session_timeout_ms,
-        "heartbeat.interval.ms": max(500, s.kafka.session_timeout_ms // 4),
+        "session.timeout.ms": k.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, k.session_timeout_ms // 4),
         "isolation.level": "read_committed",
         "enable.partition.eof": True,  # tells --until-drained runs where each partition ends
         "partition.assignment.strategy": "range",
         "log.connection.close": False,
         "logger": kafka_logger(),
     }
-    cfg.update(s.kafka.extra)
+    cfg.update(k.extra)
     return cfg
 
 
-def producer_config(s: Settings) -> dict[str, Any]:
+def producer_config(k: KafkaSettings) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "bootstrap.servers": s.kafka.bootstrap_servers,
+        "bootstrap.servers": k.bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         # every ack is reported: a record is complete when all its outputs are acknowledged
         "delivery.report.only.error": False,
-        "message.timeout.ms": int(s.kafka.produce_timeout_s * 1000),
+        "message.timeout.ms": int(k.produce_timeout_s * 1000),
         "log.connection.close": False,
         "logger": kafka_logger(),
     }
-    cfg.update(s.kafka.extra)
+    cfg.update(k.extra)
     return cfg
 
 

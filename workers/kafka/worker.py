@@ -208,9 +208,9 @@ class KafkaWorker:
         self.max_in_flight = settings.engine_config.max_in_flight or max(1, engine.max_in_flight)
         self._broker_down_since: float | None = None
         self._next_probe = 0.0
-        self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
+        self.consumer = Consumer({**consumer_config(settings.kafka), "error_cb": self._on_kafka_error})
         self.transactional = settings.kafka.delivery is DeliveryMode.EXACTLY_ONCE
-        pcfg = {**producer_config(settings), "error_cb": self._on_kafka_error}
+        pcfg = {**producer_config(settings.kafka), "error_cb": self._on_kafka_error}
         if self.transactional:
             pcfg["transactional.id"] = (
                 settings.kafka.transactional_id or f"{settings.kafka.group_id}-{socket.gethostname()}"
