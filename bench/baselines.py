@@ -55,7 +55,7 @@ def minimal_work(s: Settings) -> Work:
                         content_hash=k,
                         cache_hit=False,
                         latency_ms=0.0,
-                        source_topic=s.posts_topic,
+                        source_topic=s.kafka.posts_topic,
                         source_partition=m.partition() or 0,
                         source_offset=m.offset() or 0,
                         post_created_at=p.created_at,
@@ -75,8 +75,8 @@ def run_raw(s: Settings, n: int, label: str, work: Work = forward, group: str = 
     commit."""
     c = Consumer(
         {
-            "bootstrap.servers": s.bootstrap_servers,
-            "group.id": f"{s.group_id}-{group}",
+            "bootstrap.servers": s.kafka.bootstrap_servers,
+            "group.id": f"{s.kafka.group_id}-{group}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
@@ -85,14 +85,14 @@ def run_raw(s: Settings, n: int, label: str, work: Work = forward, group: str = 
     )
     p = Producer(
         {
-            "bootstrap.servers": s.bootstrap_servers,
+            "bootstrap.servers": s.kafka.bootstrap_servers,
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
             "log.connection.close": False,
         }
     )
-    c.subscribe([s.posts_topic])
+    c.subscribe([s.kafka.posts_topic])
     done = 0
     marks: list[tuple[float, int]] = []
     with progress() as prog:
@@ -102,13 +102,14 @@ def run_raw(s: Settings, n: int, label: str, work: Work = forward, group: str = 
             if not msgs:
                 continue
             for value, key in work(msgs):
-                p.produce(s.verdicts_topic, value, key)
+                p.produce(s.kafka.verdicts_topic, value, key)
             p.flush(30)
             offs: dict[int, int] = {}
             for m in msgs:
                 offs[m.partition() or 0] = max(offs.get(m.partition() or 0, 0), (m.offset() or 0) + 1)
             c.commit(
-                offsets=[TopicPartition(s.posts_topic, k, v) for k, v in offs.items()], asynchronous=False
+                offsets=[TopicPartition(s.kafka.posts_topic, k, v) for k, v in offs.items()],
+                asynchronous=False,
             )
             done += len(msgs)
             marks.append((time.perf_counter(), len(msgs)))

@@ -76,8 +76,13 @@ class Env:
         base.update(kw)
         s = Settings(**base)
         create_topics(
-            s.bootstrap_servers,
-            {s.posts_topic: 3, s.verdicts_topic: 3, s.novel_risk_topic: 1, s.dlq_topic: 1},
+            s.kafka.bootstrap_servers,
+            {
+                s.kafka.posts_topic: 3,
+                s.kafka.verdicts_topic: 3,
+                s.kafka.novel_risk_topic: 1,
+                s.kafka.dlq_topic: 1,
+            },
         )
         return s
 
@@ -163,7 +168,7 @@ def progress() -> Progress:
 
 
 def seed(s: Settings, values: list[bytes]) -> None:
-    produce_all(s.bootstrap_servers, s.posts_topic, [(None, v) for v in values])
+    produce_all(s.kafka.bootstrap_servers, s.kafka.posts_topic, [(None, v) for v in values])
 
 
 def text_posts(n: int, tag: str, distinct: int | None = None) -> list[bytes]:

@@ -149,10 +149,10 @@ def worker_image_run(
             **(settings or {}),
         }
     )
-    create_topics(s.bootstrap_servers, {s.posts_topic: 1})
+    create_topics(s.kafka.bootstrap_servers, {s.kafka.posts_topic: 1})
     produce_all(
-        s.bootstrap_servers,
-        s.posts_topic,
+        s.kafka.bootstrap_servers,
+        s.kafka.posts_topic,
         [
             (f"w{i}".encode(), post(f"w{i}", "a", f"caption {i}", [f"s3://{BUCKET}/{k}" for k in ks]))
             for i, ks in enumerate(keys)
@@ -179,10 +179,10 @@ def bench_image_memory(
 ) -> dict[str, Any]:
     """``make bench``: the worst feed with the shipped defaults (``VLLM_MAX_PIXELS``, budgets), budget on
     vs off, in the same run."""
-    on = worker_image_run(base, s3, posts, base.inflight_image_bytes)
+    on = worker_image_run(base, s3, posts, base.media.inflight_image_bytes)
     off = worker_image_run(base, s3, posts, UNBOUNDED)
     mib = 1 << 20
-    bound = base.inflight_image_bytes + base.decode_budget_bytes
+    bound = base.media.inflight_image_bytes + base.media.decode_budget_bytes
 
     def row(label: str, r: dict[str, int]) -> list[str]:
         return [
@@ -197,10 +197,11 @@ def bench_image_memory(
     table(
         f"6. image memory: worker path, {posts} posts × {REFS_PER_POST} distinct refs to a 2048² PNG, "
         f"MAX_IN_FLIGHT 256, engine holding the window (INFLIGHT_IMAGE_BYTES "
-        f"{base.inflight_image_bytes // mib} MiB + DECODE_BUDGET_BYTES {base.decode_budget_bytes // mib} MiB "
+        f"{base.media.inflight_image_bytes // mib} MiB + DECODE_BUDGET_BYTES "
+        f"{base.media.decode_budget_bytes // mib} MiB "
         f"= {bound // mib} MiB)",
         ["image budget", "RSS growth (MiB)", "peak RSS (MiB)", "budget peak (MiB)", "in engine", "verdicts"],
-        [row(f"on ({base.inflight_image_bytes // mib} MiB)", on), row("off (unbounded)", off)],
+        [row(f"on ({base.media.inflight_image_bytes // mib} MiB)", on), row("off (unbounded)", off)],
     )
     return {"posts": posts, "on": on, "off": off, "off_over_on": off["growth"] / max(on["growth"], 1)}
 

@@ -74,23 +74,23 @@ def load_settings(**overrides: Any) -> tuple[Settings | None, CheckResult]:
 def check_settings(s: Settings) -> CheckResult:
     """What pydantic's per-field validation cannot see: combinations and references."""
     problems: list[tuple[str, str]] = []
-    if not s.allowed_buckets:
+    if not s.media.allowed_buckets:
         problems.append(("no media bucket is allowed", "set GUARDSTREAM_ALLOWED_BUCKETS=bucket1,bucket2"))
-    proto = s.kafka_extra.get("security.protocol", "PLAINTEXT").upper()
+    proto = s.kafka.extra.get("security.protocol", "PLAINTEXT").upper()
     if proto not in KNOWN_PROTOCOLS:
         problems.append(
             (f"kafka_extra security.protocol={proto!r}", f"use one of {', '.join(KNOWN_PROTOCOLS)}")
         )
-    if proto.startswith("SASL") and not s.kafka_extra.get(
-        "sasl.mechanism", s.kafka_extra.get("sasl.mechanisms")
+    if proto.startswith("SASL") and not s.kafka.extra.get(
+        "sasl.mechanism", s.kafka.extra.get("sasl.mechanisms")
     ):
         problems.append(("SASL without sasl.mechanism", 'add "sasl.mechanism" to GUARDSTREAM_KAFKA_EXTRA'))
-    need = s.max_image_pixels * _DECODE_BYTES_PER_CAPPED_PIXEL
-    if need > s.decode_budget_bytes:
+    need = s.media.max_image_pixels * _DECODE_BYTES_PER_CAPPED_PIXEL
+    if need > s.media.decode_budget_bytes:
         problems.append(
             (
                 f"an image at MAX_IMAGE_PIXELS needs ~{need >> 20} MiB to decode, over the "
-                f"{s.decode_budget_bytes >> 20} MiB decode budget (every such image would be refused)",
+                f"{s.media.decode_budget_bytes >> 20} MiB decode budget (every such image would be refused)",
                 "raise GUARDSTREAM_DECODE_BUDGET_BYTES or lower GUARDSTREAM_MAX_IMAGE_PIXELS",
             )
         )
@@ -112,7 +112,9 @@ def check_settings(s: Settings) -> CheckResult:
         return CheckResult(
             "settings", False, "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems)
         )
-    return CheckResult("settings", True, f"valid (engine {s.engine.value}, delivery {s.delivery.value})")
+    return CheckResult(
+        "settings", True, f"valid (engine {s.engine.value}, delivery {s.kafka.delivery.value})"
+    )
 
 
 def check_broker(s: Settings, timeout_s: float = 5.0) -> CheckResult:
@@ -121,22 +123,24 @@ def check_broker(s: Settings, timeout_s: float = 5.0) -> CheckResult:
     fix_reach = "check GUARDSTREAM_BOOTSTRAP_SERVERS and GUARDSTREAM_KAFKA_EXTRA (TLS/SASL)"
     try:
         # log_level 2: the failure is reported on one line below, not by librdkafka every 50 ms
-        cfg = {"log_level": 2, **admin_config(s.bootstrap_servers, s.kafka_extra)}
+        cfg = {"log_level": 2, **admin_config(s.kafka.bootstrap_servers, s.kafka.extra)}
         md = AdminClient(cfg).list_topics(timeout=timeout_s)
     except Exception as exc:
-        return CheckResult("broker", False, f"{s.bootstrap_servers} unreachable: {exc}"[:300], fix_reach)
-    wanted = [s.posts_topic, s.verdicts_topic, s.novel_risk_topic, s.dlq_topic]
+        return CheckResult(
+            "broker", False, f"{s.kafka.bootstrap_servers} unreachable: {exc}"[:300], fix_reach
+        )
+    wanted = [s.kafka.posts_topic, s.kafka.verdicts_topic, s.kafka.novel_risk_topic, s.kafka.dlq_topic]
     missing = [t for t in wanted if t not in md.topics]
     if missing:
         return CheckResult(
             "broker",
             False,
-            f"{s.bootstrap_servers}: topic(s) {missing} do not exist",
+            f"{s.kafka.bootstrap_servers}: topic(s) {missing} do not exist",
             "create them (guardstream up creates local ones) or set GUARDSTREAM_*_TOPIC",
         )
-    parts = len(md.topics[s.posts_topic].partitions)
+    parts = len(md.topics[s.kafka.posts_topic].partitions)
     return CheckResult(
-        "broker", True, f"{s.bootstrap_servers}: {len(wanted)} topics, posts has {parts} partitions"
+        "broker", True, f"{s.kafka.bootstrap_servers}: {len(wanted)} topics, posts has {parts} partitions"
     )
 
 
@@ -145,9 +149,9 @@ def check_bucket(s: Settings) -> CheckResult:
 
     from workers.media import make_s3_client
 
-    client = make_s3_client(s.s3_endpoint_url, s.s3_region, 1)
-    where = s.s3_endpoint_url or "AWS S3"
-    for bucket in s.allowed_buckets:
+    client = make_s3_client(s.media.s3_endpoint_url, s.media.s3_region, 1)
+    where = s.media.s3_endpoint_url or "AWS S3"
+    for bucket in s.media.allowed_buckets:
         try:
             client.list_objects_v2(Bucket=bucket, MaxKeys=1)  # readable with these credentials
         except ClientError as exc:
@@ -167,7 +171,7 @@ def check_bucket(s: Settings) -> CheckResult:
             return CheckResult(
                 "bucket", False, f"{bucket} at {where}: {type(exc).__name__}: {exc}"[:300], fix
             )
-    return CheckResult("bucket", True, f"{', '.join(s.allowed_buckets)} readable at {where}")
+    return CheckResult("bucket", True, f"{', '.join(s.media.allowed_buckets)} readable at {where}")
 
 
 def check_redis(s: Settings) -> CheckResult:

@@ -62,6 +62,80 @@ ENGINE_VARIABLES: dict[str, EngineVariable] = {
 }
 
 
+class DeliveryMode(StrEnum):
+    AT_LEAST_ONCE = "at-least-once"  # idempotent producer; offsets committed after every ack
+    EXACTLY_ONCE = "exactly-once"  # transactions: outputs and consumed offsets commit atomically
+
+
+class ParseErrorPolicy(StrEnum):
+    DLQ = "dlq"  # dead-letter the post with the raw output
+    RETRY = "retry"  # moderate it once more on its own, then dead-letter
+
+
+class KafkaSettings(BaseModel):
+    """The broker, the worker's consumer group and topics, delivery; every client config is built from it
+    (``workers.kafka.config``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "guardstream-moderation"
+    posts_topic: str = "posts"
+    verdicts_topic: str = "verdicts"
+    novel_risk_topic: str = "novel-risks"
+    dlq_topic: str = "posts-dlq"
+    reviews_topic: str = "reviews"
+    alerts_topic: str = "alerts"
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    delivery: DeliveryMode = DeliveryMode.AT_LEAST_ONCE
+    transactional_id: str | None = None  # default: "<group_id>-<hostname>"; must be stable per instance
+    # an open transaction of a dead worker is aborted after this long
+    transaction_timeout_ms: int = Field(60_000, ge=1_000)
+    produce_timeout_s: float = Field(30.0, gt=0)  # broker acks for one batch; then exit, nothing committed
+    broker_deadline_s: float = Field(120.0, gt=0)  # broker unreachable this long: exit non-zero (code 3)
+    # KAFKA_EXTRA: librdkafka properties added to every client's config (TLS, SASL, client ids...)
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class MediaSettings(BaseModel):
+    """S3 image fetching and decoding, and the image memory bounds (issue 13)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
+    s3_region: str = "us-east-1"
+    # NoDecode: the env value reaches Settings._split_csv as text, so both `a,b` and JSON `["a","b"]` parse
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["guardstream-media"])
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    fetch_concurrency: int = Field(16, ge=1, le=256)
+    s3_max_attempts: int = Field(4, ge=1, le=10)
+    deadline_s: float = Field(300.0, gt=0)  # MEDIA_DEADLINE_S: S3 unavailable this long: exit code 3
+    # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together
+    decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=16 * 1024 * 1024)
+    # Normalised image bytes held by posts from decode until their outcome (issue 13 item 2); posts that
+    # do not fit wait before the window (backpressure). 384 MiB = 100 images at VLLM_MAX_PIXELS (3.8 MiB
+    # each): a 256-post window at a 30% one-image mix (~77 images) is never held back. The 2 GiB pod
+    # (infra/k8s) then holds at most this + DECODE_BUDGET_BYTES (512 MiB) + the worker itself (~0.1 GiB,
+    # make bench section 6) + the vllm-server engine's PNG/base64 request copies of the same admitted
+    # images (~1.5x this): ~1.6 GiB, 0.4 GiB of margin.
+    inflight_image_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
+
+
+class AlertSettings(BaseModel):
+    """The emerging-risk alerts app (faust): its id and the alert rule (``ClusterConfig.from_settings``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    app_id: str = "guardstream-alerts"
+    window_s: int = Field(3600, ge=1)
+    min_count: int = Field(20, ge=1)
+    min_authors: int = Field(5, ge=1)
+    min_growth: float = Field(3.0, ge=1.0)
+    join_threshold: float = Field(0.45, gt=0.0, le=1.0)
+    merge_threshold: float = Field(0.8, gt=0.0, le=1.0)
+
+
 class CacheSettings(BaseModel):
     """The Redis verdict cache."""
 
@@ -73,9 +147,51 @@ class CacheSettings(BaseModel):
 
 
 # Settings groups declared as models, like the engine configs: flat variable -> (group, its field). Each
-# is a generated Settings field too (the group field's type, default and bounds).
-GROUPS: dict[str, type[BaseModel]] = {"cache": CacheSettings}
+# is a generated Settings field too (the group field's type, default and bounds), so GUARDSTREAM_<NAME>,
+# the settings file, CLI flags and --help see the flat name; typed code reads the group.
+GROUPS: dict[str, type[BaseModel]] = {
+    "kafka": KafkaSettings,
+    "media": MediaSettings,
+    "alerts": AlertSettings,
+    "cache": CacheSettings,
+}
 GROUP_VARIABLES: dict[str, tuple[str, str]] = {
+    # Kafka
+    "bootstrap_servers": ("kafka", "bootstrap_servers"),
+    "group_id": ("kafka", "group_id"),
+    "posts_topic": ("kafka", "posts_topic"),
+    "verdicts_topic": ("kafka", "verdicts_topic"),
+    "novel_risk_topic": ("kafka", "novel_risk_topic"),
+    "dlq_topic": ("kafka", "dlq_topic"),
+    "reviews_topic": ("kafka", "reviews_topic"),
+    "alerts_topic": ("kafka", "alerts_topic"),
+    "session_timeout_ms": ("kafka", "session_timeout_ms"),
+    "delivery": ("kafka", "delivery"),
+    "transactional_id": ("kafka", "transactional_id"),
+    "transaction_timeout_ms": ("kafka", "transaction_timeout_ms"),
+    "produce_timeout_s": ("kafka", "produce_timeout_s"),
+    "broker_deadline_s": ("kafka", "broker_deadline_s"),
+    "kafka_extra": ("kafka", "extra"),
+    # S3 and images
+    "s3_endpoint_url": ("media", "s3_endpoint_url"),
+    "s3_region": ("media", "s3_region"),
+    "allowed_buckets": ("media", "allowed_buckets"),
+    "max_image_bytes": ("media", "max_image_bytes"),
+    "max_image_pixels": ("media", "max_image_pixels"),
+    "fetch_concurrency": ("media", "fetch_concurrency"),
+    "s3_max_attempts": ("media", "s3_max_attempts"),
+    "media_deadline_s": ("media", "deadline_s"),
+    "decode_budget_bytes": ("media", "decode_budget_bytes"),
+    "inflight_image_bytes": ("media", "inflight_image_bytes"),
+    # Emerging-risk alerts (faust app)
+    "alerts_app_id": ("alerts", "app_id"),
+    "alert_window_s": ("alerts", "window_s"),
+    "alert_min_count": ("alerts", "min_count"),
+    "alert_min_authors": ("alerts", "min_authors"),
+    "alert_min_growth": ("alerts", "min_growth"),
+    "alert_join_threshold": ("alerts", "join_threshold"),
+    "alert_merge_threshold": ("alerts", "merge_threshold"),
+    # Redis verdict cache
     "redis_url": ("cache", "url"),
     "cache_ttl_s": ("cache", "ttl_s"),
     "cache_enabled": ("cache", "enabled"),
@@ -140,60 +256,16 @@ def engine_config_of(s: Settings) -> EngineConfig:
         ) from None
 
 
-class DeliveryMode(StrEnum):
-    AT_LEAST_ONCE = "at-least-once"  # idempotent producer; offsets committed after every ack
-    EXACTLY_ONCE = "exactly-once"  # transactions: outputs and consumed offsets commit atomically
-
-
-class ParseErrorPolicy(StrEnum):
-    DLQ = "dlq"  # dead-letter the post with the raw output
-    RETRY = "retry"  # moderate it once more on its own, then dead-letter
-
-
 class Settings(_Variables):
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
     _engine_config: EngineConfig | None = PrivateAttr(None)
+    _kafka: KafkaSettings | None = PrivateAttr(None)
+    _media: MediaSettings | None = PrivateAttr(None)
+    _alerts: AlertSettings | None = PrivateAttr(None)
     _cache: CacheSettings | None = PrivateAttr(None)
 
-    # Kafka
-    bootstrap_servers: str = "127.0.0.1:9092"
-    group_id: str = "guardstream-moderation"
-    posts_topic: str = "posts"
-    verdicts_topic: str = "verdicts"
-    novel_risk_topic: str = "novel-risks"
-    dlq_topic: str = "posts-dlq"
-    reviews_topic: str = "reviews"
-    alerts_topic: str = "alerts"
-
-    # Emerging-risk alerts (faust app)
-    alerts_app_id: str = "guardstream-alerts"
-    alert_window_s: int = Field(3600, ge=1)
-    alert_min_count: int = Field(20, ge=1)
-    alert_min_authors: int = Field(5, ge=1)
-    alert_min_growth: float = Field(3.0, ge=1.0)
-    alert_join_threshold: float = Field(0.45, gt=0.0, le=1.0)
-    alert_merge_threshold: float = Field(0.8, gt=0.0, le=1.0)
-    session_timeout_ms: int = Field(10_000, ge=1_000)
-    delivery: DeliveryMode = DeliveryMode.AT_LEAST_ONCE
-    transactional_id: str | None = None  # default: "<group_id>-<hostname>"; must be stable per instance
-    transaction_timeout_ms: int = Field(
-        60_000, ge=1_000
-    )  # an open transaction of a dead worker is aborted after
-    produce_timeout_s: float = Field(30.0, gt=0)  # broker acks for one batch; then exit, nothing committed
-    broker_deadline_s: float = Field(120.0, gt=0)  # broker unreachable this long: exit non-zero (code 3)
-    kafka_extra: dict[str, str] = Field(default_factory=dict)
-
-    # S3
-    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
-    s3_region: str = "us-east-1"
-    # NoDecode: the env value reaches _split_csv as text, so both `a,b` and JSON `["a","b"]` parse
-    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["guardstream-media"])
-    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0)
-    fetch_concurrency: int = Field(16, ge=1, le=256)
-    s3_max_attempts: int = Field(4, ge=1, le=10)
-
-    # Redis verdict cache: REDIS_URL, CACHE_TTL_S, CACHE_ENABLED (GROUP_VARIABLES), read as ``cache``
+    # Kafka, S3 and images, the alerts app and the Redis verdict cache are groups (GROUP_VARIABLES: their
+    # flat fields are generated into _Variables), read as ``kafka``, ``media``, ``alerts`` and ``cache``
 
     # Batching
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -206,7 +278,6 @@ class Settings(_Variables):
     shutdown_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, wait this long for in-flight work
     engine_timeout_s: float = Field(300.0, gt=0)  # one request; then retried alone once, then engine_timeout
     engine_deadline_s: float = Field(300.0, gt=0)  # engine dead this long: exit code 3
-    media_deadline_s: float = Field(300.0, gt=0)  # S3 unavailable this long: exit code 3
     outage_backoff_s: float = Field(
         2.0, gt=0
     )  # first retry of a dead engine / unavailable S3 (doubles to 30s)
@@ -228,22 +299,33 @@ class Settings(_Variables):
     metrics_host: str = "0.0.0.0"  # bind address of /metrics, /healthz, /readyz
     lag_interval_s: float = Field(10.0, gt=0)
 
-    # Media decode memory (issue 13): decoded pixel bytes all in-flight image decodes hold together
-    decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=16 * 1024 * 1024)
-    # Normalised image bytes held by posts from decode until their outcome (issue 13 item 2); posts that
-    # do not fit wait before the window (backpressure). 384 MiB = 100 images at VLLM_MAX_PIXELS (3.8 MiB
-    # each): a 256-post window at a 30% one-image mix (~77 images) is never held back. The 2 GiB pod
-    # (infra/k8s) then holds at most this + DECODE_BUDGET_BYTES (512 MiB) + the worker itself (~0.1 GiB,
-    # make bench section 6) + the vllm-server engine's PNG/base64 request copies of the same admitted
-    # images (~1.5x this): ~1.6 GiB, 0.4 GiB of margin.
-    inflight_image_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
-
     @property
     def engine_config(self) -> EngineConfig:
         """The selected engine's config, built once from its variables when the settings load."""
         if self._engine_config is None:  # model_construct(): no validator ran
             self._engine_config = engine_config_of(self)
         return self._engine_config
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        """The Kafka clients' settings, built once when the settings load."""
+        if self._kafka is None:  # model_construct(): no validator ran
+            self._kafka = group_of(self, "kafka")
+        return self._kafka
+
+    @property
+    def media(self) -> MediaSettings:
+        """The media fetcher's and image budgets' settings, built once when the settings load."""
+        if self._media is None:  # model_construct(): no validator ran
+            self._media = group_of(self, "media")
+        return self._media
+
+    @property
+    def alerts(self) -> AlertSettings:
+        """The alerts app's settings, built once when the settings load."""
+        if self._alerts is None:  # model_construct(): no validator ran
+            self._alerts = group_of(self, "alerts")
+        return self._alerts
 
     @property
     def cache(self) -> CacheSettings:
@@ -259,6 +341,9 @@ class Settings(_Variables):
 
     def _groups_from_variables(self) -> Self:
         self._engine_config = engine_config_of(self)
+        self._kafka = group_of(self, "kafka")
+        self._media = group_of(self, "media")
+        self._alerts = group_of(self, "alerts")
         self._cache = group_of(self, "cache")
         return self
 
@@ -267,7 +352,7 @@ class Settings(_Variables):
         return self._groups_from_variables()
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """As pydantic's, and the engine config follows an updated setting (model_copy runs no validator)."""
+        """As pydantic's, and the engine config and groups follow an updated setting (no validator runs)."""
         copied = super().model_copy(update=update, deep=deep)
         return copied._groups_from_variables() if update else copied
 

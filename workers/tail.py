@@ -26,7 +26,8 @@ class TailError(RuntimeError):
 
 
 def topic_of(s: Settings, kind: str) -> str:
-    return {"verdicts": s.verdicts_topic, "dead-letters": s.dlq_topic, "alerts": s.alerts_topic}[kind]
+    k = s.kafka
+    return {"verdicts": k.verdicts_topic, "dead-letters": k.dlq_topic, "alerts": k.alerts_topic}[kind]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +52,13 @@ def follow(
     """Yield records in polled batches until ``limit`` records, ``idle_timeout_s`` without one, or
     ``stop()``. Starts at the end of each partition unless ``from_beginning``."""
     topics = {topic_of(s, k): k for k in kinds}
-    c = Consumer(reader_config(s.bootstrap_servers, s.kafka_extra, group_id="guardstream-tail-unused"))
+    c = Consumer(reader_config(s.kafka.bootstrap_servers, s.kafka.extra, group_id="guardstream-tail-unused"))
     try:
         md = c.list_topics(timeout=10)
         missing = [t for t in topics if t not in md.topics]
         if missing:
             raise TailError(
-                f"topic(s) {missing} do not exist on {s.bootstrap_servers}: create them with "
+                f"topic(s) {missing} do not exist on {s.kafka.bootstrap_servers}: create them with "
                 "`guardstream topics create` or set GUARDSTREAM_*_TOPIC"
             )
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END

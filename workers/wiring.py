@@ -21,14 +21,15 @@ log = structlog.get_logger(__name__)
 
 
 def build_fetcher(settings: Settings) -> MediaFetcher:
+    m = settings.media
     return MediaFetcher(
-        make_s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts),
-        settings.allowed_buckets,
-        settings.max_image_bytes,
-        settings.max_image_pixels,
-        settings.fetch_concurrency,
+        make_s3_client(m.s3_endpoint_url, m.s3_region, m.s3_max_attempts),
+        m.allowed_buckets,
+        m.max_image_bytes,
+        m.max_image_pixels,
+        m.fetch_concurrency,
         target_pixels=settings.target_pixels,  # the engine's own pixel bound: decode no more than it uses
-        decode_budget_bytes=settings.decode_budget_bytes,
+        decode_budget_bytes=m.decode_budget_bytes,
     )
 
 

@@ -87,7 +87,7 @@ def stage_costs(s: Settings, n: int) -> tuple[dict[str, float], float]:
     CPU µs per post of prepare (decode+validate+hash+cache lookup), the zero-cost engine and finish
     (verdict events+JSON+cache write); and prepare+finish again with the cache off."""
     values = text_posts(n, uuid.uuid4().hex[:6])
-    records = [Record(s.posts_topic, 0, i, None, v) for i, v in enumerate(values)]
+    records = [Record(s.kafka.posts_topic, 0, i, None, v) for i, v in enumerate(values)]
     per_post: dict[bool, list[float]] = {}
     for with_cache in (True, False):
         m = build_moderator(s.model_copy(update={"cache_enabled": with_cache}), ZeroCostEngine())

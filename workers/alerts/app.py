@@ -44,20 +44,20 @@ def describe(ev: dict[str, Any]) -> str | None:
 def build_app(settings: Settings) -> faust.App:
     cfg = ClusterConfig.from_settings(settings)
     app = faust.App(
-        settings.alerts_app_id,
-        broker=f"kafka://{settings.bootstrap_servers}",
+        settings.alerts.app_id,
+        broker=f"kafka://{settings.kafka.bootstrap_servers}",
         store="memory://",
         web_enabled=False,
         topic_partitions=1,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        broker_heartbeat_interval=max(settings.session_timeout_ms / 4000, 0.5),
-        broker_rebalance_timeout=max(settings.session_timeout_ms / 1000, 10.0),
-        **faust_broker_kwargs(settings.kafka_extra),  # the same TLS/SASL settings as every other client
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(settings.kafka.session_timeout_ms / 4000, 0.5),
+        broker_rebalance_timeout=max(settings.kafka.session_timeout_ms / 1000, 10.0),
+        **faust_broker_kwargs(settings.kafka.extra),  # the same TLS/SASL settings as every other client
     )
-    source = app.topic(settings.novel_risk_topic, value_type=bytes, value_serializer="raw")
-    alerts = app.topic(settings.alerts_topic, value_type=bytes, value_serializer="raw")
+    source = app.topic(settings.kafka.novel_risk_topic, value_type=bytes, value_serializer="raw")
+    alerts = app.topic(settings.kafka.alerts_topic, value_type=bytes, value_serializer="raw")
     # use_partitioner: writes happen after a batched take(), outside per-event iteration (1 partition)
     clusters = app.Table(TABLE, default=None, partitions=1, use_partitioner=True)
     # post_id -> event time: faust is at-least-once, so events re-read after a restart are skipped here

@@ -15,8 +15,8 @@ TABLE = "clusters"
 def read_clusters(settings: Settings) -> dict[str, Cluster]:
     """The app's current clusters, rebuilt from the table's changelog topic (latest value per key)."""
     out: dict[str, Cluster] = {}
-    topic = f"{settings.alerts_app_id}-{TABLE}-changelog"
-    for r in read_records(settings.bootstrap_servers, topic, extra=settings.kafka_extra):
+    topic = f"{settings.alerts.app_id}-{TABLE}-changelog"
+    for r in read_records(settings.kafka.bootstrap_servers, topic, extra=settings.kafka.extra):
         if r.key is None:
             continue
         cid = json.loads(r.key)

@@ -47,14 +47,16 @@ class ClusterConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> ClusterConfig:
-        """The ``GUARDSTREAM_ALERT_*`` settings (the settings know nothing of the alerts app)."""
+        """The ``GUARDSTREAM_ALERT_*`` settings (``Settings.alerts``; the settings know nothing of the
+        alerts app)."""
+        a = s.alerts
         return cls(
-            join_threshold=s.alert_join_threshold,
-            merge_threshold=s.alert_merge_threshold,
-            window_s=s.alert_window_s,
-            min_count=s.alert_min_count,
-            min_authors=s.alert_min_authors,
-            min_growth=s.alert_min_growth,
+            join_threshold=a.join_threshold,
+            merge_threshold=a.merge_threshold,
+            window_s=a.window_s,
+            min_count=a.min_count,
+            min_authors=a.min_authors,
+            min_growth=a.min_growth,
         )
 
 

@@ -12,6 +12,8 @@ def alerts(bootstrap_servers: BootstrapOpt = None) -> int:
     from workers.alerts.app import run_app
 
     s = load_settings(bootstrap_servers=bootstrap_servers)
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
+    create_topics(
+        s.kafka.bootstrap_servers, {s.kafka.novel_risk_topic: 1, s.kafka.alerts_topic: 1}, extra=s.kafka.extra
+    )
     run_app(s)
     return 0

@@ -30,13 +30,13 @@ def audit_export(
     lo, hi = time_range(start, end)
     writable_file(out)
     n = export_decisions(
-        s.bootstrap_servers,
-        s.verdicts_topic,
+        s.kafka.bootstrap_servers,
+        s.kafka.verdicts_topic,
         out,
         start=lo,
         end=hi,
         author=author,
-        kafka_extra=s.kafka_extra,
+        kafka_extra=s.kafka.extra,
     )
     log.info("audit_export_written", path=str(out), decisions=n)
     return 0

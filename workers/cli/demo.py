@@ -96,10 +96,10 @@ def demo(
             s3_endpoint_url=stack.s3.endpoint,
             session_timeout_ms=6000,
         )
-        create_topics(s.bootstrap_servers, worker_topics(s), extra=s.kafka_extra)
-        s3 = boto3.client("s3", endpoint_url=s.s3_endpoint_url)
-        ensure_bucket(s3, s.allowed_buckets[0])
-        feed, objects = build_feed(s.allowed_buckets[0])
+        create_topics(s.kafka.bootstrap_servers, worker_topics(s), extra=s.kafka.extra)
+        s3 = boto3.client("s3", endpoint_url=s.media.s3_endpoint_url)
+        ensure_bucket(s3, s.media.allowed_buckets[0])
+        feed, objects = build_feed(s.media.allowed_buckets[0])
         alerts_proc = None
         if alerts:
             from workers.demo.sample_feed import planted_burst
@@ -107,8 +107,13 @@ def demo(
             feed += planted_burst()
             alerts_proc = start_alerts_subprocess(s)
         for key, data in objects.items():
-            s3.put_object(Bucket=s.allowed_buckets[0], Key=key, Body=data)
-        produce_all(s.bootstrap_servers, s.posts_topic, [(p.key, p.value) for p in feed], extra=s.kafka_extra)
+            s3.put_object(Bucket=s.media.allowed_buckets[0], Key=key, Body=data)
+        produce_all(
+            s.kafka.bootstrap_servers,
+            s.kafka.posts_topic,
+            [(p.key, p.value) for p in feed],
+            extra=s.kafka.extra,
+        )
         out.print(
             f"[bold]seeded[/] {len(feed)} posts and {len(objects)} objects; loading the "
             f"[bold]{s.engine.value}[/] engine…"
@@ -118,10 +123,10 @@ def demo(
             t0 = time.perf_counter()
             stats = worker.run(until_drained=True)
             elapsed = time.perf_counter() - t0
-        bs, ex = s.bootstrap_servers, s.kafka_extra
-        verdicts = [json.loads(v) for v in read_topic(bs, s.verdicts_topic, extra=ex)]
-        dlq = [json.loads(v) for v in read_topic(bs, s.dlq_topic, extra=ex)]
-        novel = read_topic(bs, s.novel_risk_topic, extra=ex)
+        bs, ex = s.kafka.bootstrap_servers, s.kafka.extra
+        verdicts = [json.loads(v) for v in read_topic(bs, s.kafka.verdicts_topic, extra=ex)]
+        dlq = [json.loads(v) for v in read_topic(bs, s.kafka.dlq_topic, extra=ex)]
+        novel = read_topic(bs, s.kafka.novel_risk_topic, extra=ex)
         out.print(verdicts_table(sorted(verdicts, key=lambda v: v["post_id"])))
         out.print(dead_letters_table(sorted(dlq, key=lambda e: e["source_offset"])))
         expected = Counter(p.expect for p in feed)
@@ -145,7 +150,7 @@ def demo(
             )
             run_replay(
                 s.model_copy(update={"cpu_threshold": replay_threshold, "cache_enabled": False}),
-                topic=s.posts_topic,
+                topic=s.kafka.posts_topic,
                 start=None,
                 end=None,
                 partitions=None,
@@ -167,7 +172,8 @@ def demo(
             out.print(
                 "labels → next training export: AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
                 "guardstream export-training --out ./export "
-                f"--bootstrap-servers {s.bootstrap_servers} --s3-endpoint-url {s.s3_endpoint_url}",
+                f"--bootstrap-servers {s.kafka.bootstrap_servers} "
+                f"--s3-endpoint-url {s.media.s3_endpoint_url}",
                 soft_wrap=True,  # commands and URLs stay on one line, to be copied
             )
             return run_blocking(cs, "demo-reviewer", lambda m: out.print(m, soft_wrap=True), fresh=True)
@@ -179,13 +185,15 @@ def demo(
 def start_alerts_subprocess(s: Settings) -> subprocess.Popen[bytes]:
     from infra.stack import create_topics
 
-    create_topics(s.bootstrap_servers, {s.novel_risk_topic: 1, s.alerts_topic: 1}, extra=s.kafka_extra)
+    create_topics(
+        s.kafka.bootstrap_servers, {s.kafka.novel_risk_topic: 1, s.kafka.alerts_topic: 1}, extra=s.kafka.extra
+    )
     env = {
         **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-        "GUARDSTREAM_KAFKA_EXTRA": json.dumps(s.kafka_extra),
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": s.novel_risk_topic,
-        "GUARDSTREAM_ALERTS_TOPIC": s.alerts_topic,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+        "GUARDSTREAM_KAFKA_EXTRA": json.dumps(s.kafka.extra),
+        "GUARDSTREAM_NOVEL_RISK_TOPIC": s.kafka.novel_risk_topic,
+        "GUARDSTREAM_ALERTS_TOPIC": s.kafka.alerts_topic,
         "GUARDSTREAM_ALERT_MIN_COUNT": "10",
         "GUARDSTREAM_ALERT_MIN_AUTHORS": "5",
         "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
@@ -211,7 +219,9 @@ def show_alert(s: Settings, proc: subprocess.Popen[bytes], out: Console) -> None
         while time.monotonic() < deadline and not alerts and proc.poll() is None:
             alerts = [
                 json.loads(v)
-                for v in read_topic(s.bootstrap_servers, s.alerts_topic, timeout_s=3, extra=s.kafka_extra)
+                for v in read_topic(
+                    s.kafka.bootstrap_servers, s.kafka.alerts_topic, timeout_s=3, extra=s.kafka.extra
+                )
             ]
     out.print(alerts_table(alerts))
     proc.send_signal(signal.SIGTERM)
@@ -241,12 +251,12 @@ def demo_export(s: Settings, out_dir: Path, out: Console) -> None:
             post_id="demo-text-2", unsafe=False, reviewer_id="demo-reviewer", note="confirmed benign"
         ),
     ]
-    create_topics(s.bootstrap_servers, {s.reviews_topic: 1}, extra=s.kafka_extra)
+    create_topics(s.kafka.bootstrap_servers, {s.kafka.reviews_topic: 1}, extra=s.kafka.extra)
     produce_all(
-        s.bootstrap_servers,
-        s.reviews_topic,
+        s.kafka.bootstrap_servers,
+        s.kafka.reviews_topic,
         [(r.post_id.encode(), r.model_dump_json().encode()) for r in reviews],
-        extra=s.kafka_extra,
+        extra=s.kafka.extra,
     )
     exp = training_exporter(s)
     exp.export(out_dir, ratios=parse_ratios("1:1:1"), val_fraction=0.2)

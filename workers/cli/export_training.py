@@ -39,13 +39,13 @@ def training_exporter(s: Settings) -> TrainingExporter:
     from workers.wiring import build_fetcher
 
     return TrainingExporter(
-        s.bootstrap_servers,
+        s.kafka.bootstrap_servers,
         PromptSet(Taxonomy.load(s.engine_config.taxonomy_path)),
         build_fetcher(s),
-        posts_topic=s.posts_topic,
-        verdicts_topic=s.verdicts_topic,
-        reviews_topic=s.reviews_topic,
-        kafka_extra=s.kafka_extra,
+        posts_topic=s.kafka.posts_topic,
+        verdicts_topic=s.kafka.verdicts_topic,
+        reviews_topic=s.kafka.reviews_topic,
+        kafka_extra=s.kafka.extra,
     )
 
 

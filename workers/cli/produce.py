@@ -44,19 +44,19 @@ def produce(
     if sample is not None and source is not None:
         raise UsageError("give either a file of posts or --sample N, not both")
     s = load_settings(bootstrap_servers=bootstrap_servers, s3_endpoint_url=s3_endpoint_url)
-    target = bucket or s.allowed_buckets[0]
-    if target not in s.allowed_buckets:
+    target = bucket or s.media.allowed_buckets[0]
+    if target not in s.media.allowed_buckets:
         raise CliError(
-            f"--bucket {target}: the worker only reads GUARDSTREAM_ALLOWED_BUCKETS {s.allowed_buckets}"
+            f"--bucket {target}: the worker only reads GUARDSTREAM_ALLOWED_BUCKETS {s.media.allowed_buckets}"
         )
-    client = make_s3_client(s.s3_endpoint_url, s.s3_region, s.s3_max_attempts)
+    client = make_s3_client(s.media.s3_endpoint_url, s.media.s3_region, s.media.s3_max_attempts)
     uploaded: list[str] = []
 
     def upload(b: str, key: str, data: bytes) -> None:
         try:
             client.put_object(Bucket=b, Key=key, Body=data)
         except (BotoCoreError, ClientError) as exc:
-            where = s.s3_endpoint_url or "AWS S3"
+            where = s.media.s3_endpoint_url or "AWS S3"
             raise CliError(
                 f"cannot upload to s3://{b}/ at {where}: {exc} (check --s3-endpoint-url / "
                 "GUARDSTREAM_S3_ENDPOINT_URL and the AWS credentials; nothing was produced)"
@@ -82,11 +82,11 @@ def produce(
         except ProduceError as exc:
             raise CliError(f"{source or 'stdin'}: {exc} (nothing was produced)") from None
     try:
-        n = produce_all(s.bootstrap_servers, s.posts_topic, items, extra=s.kafka_extra)
+        n = produce_all(s.kafka.bootstrap_servers, s.kafka.posts_topic, items, extra=s.kafka.extra)
     except (
         RuntimeError
     ) as exc:  # unacknowledged after the flush timeout: a missing topic, an unreachable broker
-        raise CliError(f"{exc} (is {s.bootstrap_servers} reachable, does the topic exist?)") from None
-    print(f"produced {n} posts to {s.posts_topic}; uploaded {len(uploaded)} images to s3://{target}/")
-    log.info("posts_produced", posts=n, topic=s.posts_topic, images=len(uploaded), bucket=target)
+        raise CliError(f"{exc} (is {s.kafka.bootstrap_servers} reachable, does the topic exist?)") from None
+    print(f"produced {n} posts to {s.kafka.posts_topic}; uploaded {len(uploaded)} images to s3://{target}/")
+    log.info("posts_produced", posts=n, topic=s.kafka.posts_topic, images=len(uploaded), bucket=target)
     return 0

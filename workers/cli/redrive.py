@@ -30,17 +30,17 @@ def redrive(
     if unknown:
         raise CliError(f"unknown error code(s) {unknown}; choose from {sorted(known)}")
     rep = run_redrive(
-        s.bootstrap_servers,
-        dlq_topic=s.dlq_topic,
-        posts_topic=s.posts_topic,
+        s.kafka.bootstrap_servers,
+        dlq_topic=s.kafka.dlq_topic,
+        posts_topic=s.kafka.posts_topic,
         codes=set(code),
         dry_run=dry_run,
         limit=limit,
-        kafka_extra=s.kafka_extra,
+        kafka_extra=s.kafka.extra,
     )
     verb = "would redrive" if rep.dry_run else "redriven"
     print(
         f"matched {rep.matched}, already redriven {rep.already}, unrecoverable {rep.unrecoverable}, "
-        f"{verb} {sum(rep.by_code.values())} {dict(rep.by_code)} -> {s.posts_topic}"
+        f"{verb} {sum(rep.by_code.values())} {dict(rep.by_code)} -> {s.kafka.posts_topic}"
     )
     return 0

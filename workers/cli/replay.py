@@ -52,16 +52,16 @@ def run_replay(
     lo, hi = parse_bound_opt(start, "--from"), parse_bound_opt(end, "--to")
     check_range(lo, hi)
     writable_file(report_path, "--report")
-    create_topics(s.bootstrap_servers, {audit_topic: 1}, extra=s.kafka_extra)
+    create_topics(s.kafka.bootstrap_servers, {audit_topic: 1}, extra=s.kafka.extra)
     moderator = build_moderator(s)
     rp = Replayer(
         moderator,
-        s.bootstrap_servers,
-        verdicts_topic=s.verdicts_topic,
-        dlq_topic=s.dlq_topic,
+        s.kafka.bootstrap_servers,
+        verdicts_topic=s.kafka.verdicts_topic,
+        dlq_topic=s.kafka.dlq_topic,
         audit_topic=audit_topic,
         batch_size=s.max_batch_size,
-        kafka_extra=s.kafka_extra,
+        kafka_extra=s.kafka.extra,
     )
     with Progress(
         TextColumn(f"replay {replay_id}"),
@@ -71,7 +71,7 @@ def run_replay(
         TimeRemainingColumn(),
         console=terminal(stderr=True),
     ) as prog:
-        total = estimate_total(s.bootstrap_servers, topic, lo, hi, partitions, s.kafka_extra)
+        total = estimate_total(s.kafka.bootstrap_servers, topic, lo, hi, partitions, s.kafka.extra)
         task = prog.add_task("replay", total=total, rate=0.0)
         t0 = time.perf_counter()
 
@@ -103,7 +103,7 @@ def run_replay(
     )
     # cumulative over every run of this replay id (a resumed or repeated run reports the whole replay)
     report, html_path = write_reports(
-        s.bootstrap_servers, audit_topic, run_report, ctx, report_path, s.kafka_extra
+        s.kafka.bootstrap_servers, audit_topic, run_report, ctx, report_path, s.kafka.extra
     )
     rows: list[tuple[str, object]] = [
         ("posts in range", report.total),
@@ -205,7 +205,7 @@ def replay(
     rid = replay_id or new_replay_id()
     return run_replay(
         s,
-        topic=topic or s.posts_topic,
+        topic=topic or s.kafka.posts_topic,
         start=start,
         end=end,
         partitions=partition or None,

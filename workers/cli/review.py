@@ -72,9 +72,13 @@ def review(
         raise CliError(str(exc)) from None
     if not force:
         _require_known_post(s, ev.post_id, lookback)
-    publish_reviews(s.bootstrap_servers, s.reviews_topic, [ev], extra=s.kafka_extra)
+    publish_reviews(s.kafka.bootstrap_servers, s.kafka.reviews_topic, [ev], extra=s.kafka.extra)
     log.info(
-        "review_published", post_id=ev.post_id, unsafe=ev.unsafe, category=ev.category, topic=s.reviews_topic
+        "review_published",
+        post_id=ev.post_id,
+        unsafe=ev.unsafe,
+        category=ev.category,
+        topic=s.kafka.reviews_topic,
     )
     return 0
 
@@ -99,9 +103,11 @@ def _require_known_post(s: Settings, post_id: str, lookback: int) -> None:
     if cs is not None and known_to_console(cs.store_url, cs.console_prefix, post_id):
         log.info("review_post_found", post_id=post_id, where="console store")
         return
-    topics = [s.verdicts_topic, s.dlq_topic]
+    topics = [s.kafka.verdicts_topic, s.kafka.dlq_topic]
     try:
-        where = find_in_topics(s.bootstrap_servers, topics, post_id, lookback=lookback, extra=s.kafka_extra)
+        where = find_in_topics(
+            s.kafka.bootstrap_servers, topics, post_id, lookback=lookback, extra=s.kafka.extra
+        )
     except (TimeoutError, KafkaException) as exc:
         raise CliError(f"review: could not search {', '.join(topics)} for {post_id!r}: {exc}") from None
     if where is None:

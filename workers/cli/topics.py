@@ -18,10 +18,10 @@ def worker_topics(s: Settings, partitions: int = 3, side_partitions: int = 1) ->
     """The worker's topics and their partition counts: posts and verdicts carry the load (and share a
     count so a post's verdict keeps its partition); novel-risk and dead-letter topics are small."""
     return {
-        s.posts_topic: partitions,
-        s.verdicts_topic: partitions,
-        s.novel_risk_topic: side_partitions,
-        s.dlq_topic: side_partitions,
+        s.kafka.posts_topic: partitions,
+        s.kafka.verdicts_topic: partitions,
+        s.kafka.novel_risk_topic: side_partitions,
+        s.kafka.dlq_topic: side_partitions,
     }
 
 
@@ -29,8 +29,8 @@ def all_topics(s: Settings, partitions: int, side_partitions: int) -> dict[str, 
     """The worker's topics plus those of the review console/exports and the alerts app."""
     return {
         **worker_topics(s, partitions, side_partitions),
-        s.reviews_topic: side_partitions,
-        s.alerts_topic: side_partitions,
+        s.kafka.reviews_topic: side_partitions,
+        s.kafka.alerts_topic: side_partitions,
     }
 
 
@@ -42,11 +42,11 @@ def ensure_topics(
 
     from workers.kafka.config import admin_config
 
-    admin = AdminClient({"log_level": 2, **admin_config(s.bootstrap_servers, s.kafka_extra)})
+    admin = AdminClient({"log_level": 2, **admin_config(s.kafka.bootstrap_servers, s.kafka.extra)})
     try:
         md = admin.list_topics(timeout=timeout_s)
     except Exception as exc:
-        raise CliError(f"broker {s.bootstrap_servers} unreachable: {exc}") from None
+        raise CliError(f"broker {s.kafka.bootstrap_servers} unreachable: {exc}") from None
     existing = {t: len(md.topics[t].partitions) for t in wanted if t in md.topics}
     new = [NewTopic(t, n, replication) for t, n in wanted.items() if t not in existing]
     created: dict[str, int] = {}

@@ -63,14 +63,14 @@ def up(
         raise CliError(str(exc)) from None
     try:
         create_topics(stack.broker.bootstrap, worker_topics(s))
-        ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.allowed_buckets[0])
+        ensure_bucket(boto3.client("s3", endpoint_url=stack.s3.endpoint), s.media.allowed_buckets[0])
         log.info(
             "stack_up",
             broker=stack.broker.bootstrap,
             s3=stack.s3.endpoint,
             redis=mask_url(s.cache.url),
             topics=list(worker_topics(s)),
-            bucket=s.allowed_buckets[0],
+            bucket=s.media.allowed_buckets[0],
             hint="Ctrl-C to stop",
         )
         while True:

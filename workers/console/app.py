@@ -518,7 +518,9 @@ def build_console(settings: ConsoleSettings, *, publish: Callable[[Any], None] |
         )
 
     def default_publish(ev: Any) -> None:
-        publish_reviews(settings.bootstrap_servers, settings.reviews_topic, [ev], extra=settings.kafka_extra)
+        publish_reviews(
+            settings.kafka.bootstrap_servers, settings.kafka.reviews_topic, [ev], extra=settings.kafka.extra
+        )
 
     return Console(
         settings=settings,

@@ -70,10 +70,10 @@ class AuditView:
             try:
                 # the worker's TLS/SASL settings too: the audit topic lives on the same cluster
                 records = read_records(
-                    self.s.bootstrap_servers,
+                    self.s.kafka.bootstrap_servers,
                     self.s.audit_topic,
                     timeout_s=self.read_timeout_s,
-                    extra=self.s.kafka_extra,
+                    extra=self.s.kafka.extra,
                 )
             except Exception as exc:
                 log.warning("console_audits_unreadable", error=str(exc)[:200])

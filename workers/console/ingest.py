@@ -158,10 +158,10 @@ class Ingester:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.topics = [
-            settings.verdicts_topic,
-            settings.dlq_topic,
-            settings.alerts_topic,
-            settings.reviews_topic,
+            settings.kafka.verdicts_topic,
+            settings.kafka.dlq_topic,
+            settings.kafka.alerts_topic,
+            settings.kafka.reviews_topic,
         ]
 
     # ------------------------------------------------------------------ one record
@@ -169,7 +169,7 @@ class Ingester:
         s = self.s
         self.stats.records += 1
         try:
-            if topic == s.verdicts_topic:
+            if topic == s.kafka.verdicts_topic:
                 v = VerdictEvent.model_validate_json(value)
                 reasons = reasons_for(v, self.band)
                 # nothing to review, unless the post is queued already (a re-decision keeps its reasons)
@@ -186,11 +186,11 @@ class Ingester:
                     if post is not None and post.post_id != v.post_id:
                         post = None
                 self._queued(self.store.upsert(item_from_verdict(v, post, reasons)), reasons)
-            elif topic == s.dlq_topic:
+            elif topic == s.kafka.dlq_topic:
                 item = item_from_dead_letter(DeadLetterEvent.model_validate_json(value))
                 if item is not None:
                     self._queued(self.store.upsert(item), item.reasons)
-            elif topic == s.alerts_topic:
+            elif topic == s.kafka.alerts_topic:
                 a = AlertEvent.model_validate_json(value)
                 self.store.record_alert(a)
                 # Every member the alert names (``member_ids``; only ``examples`` in alerts from before
@@ -204,7 +204,7 @@ class Ingester:
                 members = list(dict.fromkeys([*(a.member_ids or []), *a.examples]))
                 self.store.add_cluster_members(a.cluster_id, members)
                 self.stats.alerts += 1
-            elif topic == s.reviews_topic and self.store.mark_labelled(
+            elif topic == s.kafka.reviews_topic and self.store.mark_labelled(
                 ReviewEvent.model_validate_json(value)
             ):
                 self.stats.labels += 1
@@ -221,18 +221,20 @@ class Ingester:
         from workers.kafka.config import consumer_config
 
         # the worker's consumer settings (kafka_extra included) under the console's own group
-        return Consumer(consumer_config(self.s.model_copy(update={"group_id": self.s.console_group_id})))
+        return Consumer(
+            consumer_config(self.s.kafka.model_copy(update={"group_id": self.s.console_group_id}))
+        )
 
     def run(self) -> None:
         from workers.kafka.admin import create_topics
 
         create_topics(
-            self.s.bootstrap_servers,
-            {self.s.alerts_topic: 1, self.s.reviews_topic: 1},
-            extra=self.s.kafka_extra,
+            self.s.kafka.bootstrap_servers,
+            {self.s.kafka.alerts_topic: 1, self.s.kafka.reviews_topic: 1},
+            extra=self.s.kafka.extra,
         )
         consumer = self._consumer()
-        fetcher = RecordFetcher(self.s.bootstrap_servers, self.s.kafka_extra)
+        fetcher = RecordFetcher(self.s.kafka.bootstrap_servers, self.s.kafka.extra)
         consumer.subscribe(self.topics)
         log.info("console_ingest_started", topics=self.topics, group=self.s.console_group_id)
         try:

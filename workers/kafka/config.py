@@ -1,8 +1,9 @@
 """The one place that builds confluent-kafka client configs.
 
 Every client the project makes (worker consumer and producer, replay, audit export, review, training
-export, topic helpers, the alerts app) starts from ``base_config``, so ``kafka_extra`` (TLS, SASL,
-client ids...) reaches all of them. Callers add only what is specific to their role.
+export, topic helpers, the alerts app) starts from ``base_config``, so ``KafkaSettings.extra``
+(``GUARDSTREAM_KAFKA_EXTRA``: TLS, SASL, client ids...) reaches all of them. Callers add only what is
+specific to their role.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from workers.observability.logging import kafka_logger
-from workers.settings import Settings
+from workers.settings import KafkaSettings
 
 
 def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -26,43 +27,44 @@ def base_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[
     return cfg
 
 
-def consumer_config(s: Settings) -> dict[str, Any]:
+def consumer_config(k: KafkaSettings) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "bootstrap.servers": s.bootstrap_servers,
-        "group.id": s.group_id,
+        "bootstrap.servers": k.bootstrap_servers,
+        "group.id": k.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": s.session_timeout_ms,
-        "heartbeat.interval.ms": max(500, s.session_timeout_ms // 4),
+        "session.timeout.ms": k.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, k.session_timeout_ms // 4),
         "isolation.level": "read_committed",
         "enable.partition.eof": True,  # tells --until-drained runs where each partition ends
         "partition.assignment.strategy": "range",
         "log.connection.close": False,
         "logger": kafka_logger(),
     }
-    cfg.update(s.kafka_extra)
+    cfg.update(k.extra)
     return cfg
 
 
-def producer_config(s: Settings) -> dict[str, Any]:
+def producer_config(k: KafkaSettings) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "bootstrap.servers": s.bootstrap_servers,
+        "bootstrap.servers": k.bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         # every ack is reported: a record is complete when all its outputs are acknowledged
         "delivery.report.only.error": False,
-        "message.timeout.ms": int(s.produce_timeout_s * 1000),
+        "message.timeout.ms": int(k.produce_timeout_s * 1000),
         "log.connection.close": False,
         "logger": kafka_logger(),
     }
-    cfg.update(s.kafka_extra)
+    cfg.update(k.extra)
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------------
-# Every other client: the same base (bootstrap + ``kafka_extra``) so TLS/SASL settings reach all of them.
+# Every other client: the same base (bootstrap + ``KafkaSettings.extra``) so TLS/SASL settings reach all
+# of them.
 
 
 def admin_config(bootstrap: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -102,7 +104,7 @@ _FAUST_UNSUPPORTED = ("sasl.oauthbearer.", "sasl.kerberos.", "ssl.keystore.", "s
 
 
 def faust_broker_kwargs(extra: Mapping[str, str] | None) -> dict[str, Any]:
-    """``kafka_extra`` (librdkafka names) as faust ``App`` keyword arguments (faust speaks aiokafka).
+    """``KafkaSettings.extra`` (librdkafka names) as faust ``App`` keyword arguments (faust speaks aiokafka).
 
     Maps ``security.protocol`` SSL / SASL_PLAINTEXT / SASL_SSL, ``sasl.mechanism(s)`` PLAIN and
     SCRAM-SHA-256/512, ``sasl.username``/``sasl.password``, ``ssl.ca.location``,

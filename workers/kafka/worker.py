@@ -118,26 +118,26 @@ class KafkaWorker:
         self.sensor = sensor if sensor is not None else moderator.sensor
         self.max_in_flight = settings.engine_config.max_in_flight or max(1, engine.max_in_flight)
         self.broker = BrokerWatch(
-            settings.bootstrap_servers,
-            settings.broker_deadline_s,
+            settings.kafka.bootstrap_servers,
+            settings.kafka.broker_deadline_s,
             self.sensor,
             on_down=lambda: self._event("broker_down"),
         )
-        self.consumer = Consumer({**consumer_config(settings), "error_cb": self.broker.on_error})
-        transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
-        pcfg = {**producer_config(settings), "error_cb": self.broker.on_error}
+        self.consumer = Consumer({**consumer_config(settings.kafka), "error_cb": self.broker.on_error})
+        transactional = settings.kafka.delivery is DeliveryMode.EXACTLY_ONCE
+        pcfg = {**producer_config(settings.kafka), "error_cb": self.broker.on_error}
         if transactional:
             pcfg["transactional.id"] = (
-                settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
+                settings.kafka.transactional_id or f"{settings.kafka.group_id}-{socket.gethostname()}"
             )
         self.producer = Producer(pcfg)
         if transactional:
             # fences any zombie with the same id and aborts its open transaction
-            self.producer.init_transactions(settings.produce_timeout_s)
+            self.producer.init_transactions(settings.kafka.produce_timeout_s)
         self.offsets = Offsets()
         self.publisher = Publisher(
             self.producer,
-            timeout_s=settings.produce_timeout_s,
+            timeout_s=settings.kafka.produce_timeout_s,
             sensor=self.sensor,
             on_complete=None if transactional else self._acked,
         )
@@ -149,8 +149,8 @@ class KafkaWorker:
             self.offsets,
             transactional=transactional,
             interval_s=settings.commit_interval_ms / 1000.0,
-            broker_deadline_s=settings.broker_deadline_s,
-            produce_timeout_s=settings.produce_timeout_s,
+            broker_deadline_s=settings.kafka.broker_deadline_s,
+            produce_timeout_s=settings.kafka.produce_timeout_s,
             sensor=self.sensor,
             stop=self._stop,
             observers=observers,
@@ -162,20 +162,20 @@ class KafkaWorker:
         self._media_held: list[tuple[int, Record]] = []  # S3 unavailable: prepared again after backoff
         # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
         # decoded image posts that do not fit wait here, unfetched, and admission stops (backpressure)
-        self.images = ImageBudget.for_target(settings.inflight_image_bytes, settings.target_pixels)
+        self.images = ImageBudget.for_target(settings.media.inflight_image_bytes, settings.target_pixels)
         self._budget_held: list[tuple[int, Prepared]] = []
         backoff = settings.outage_backoff_s
         self._engine_outage = Outage("engine", settings.engine_deadline_s, backoff, EngineUnavailable)
-        self._media_outage = Outage("media", settings.media_deadline_s, backoff, MediaOutage)
+        self._media_outage = Outage("media", settings.media.deadline_s, backoff, MediaOutage)
         self._paused = False
         self._full_since: float | None = None
         self._closing = False
         self.lag = LagReporter(
             self.consumer,
-            topic=settings.posts_topic,
-            group_id=settings.group_id,
+            topic=settings.kafka.posts_topic,
+            group_id=settings.kafka.group_id,
             # not idle before the group had a chance to assign us something (a session timeout)
-            idle_after_s=settings.session_timeout_ms / 1000.0,
+            idle_after_s=settings.kafka.session_timeout_ms / 1000.0,
             sensor=self.sensor,
         )
         self._until = RunUntil()
@@ -207,7 +207,7 @@ class KafkaWorker:
             self._on_event(name, details)
 
     def _probe_broker(self) -> None:
-        self.consumer.list_topics(self.s.posts_topic, timeout=1.0)
+        self.consumer.list_topics(self.s.kafka.posts_topic, timeout=1.0)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready: partitions assigned and engine and S3 available; else False and why (``/readyz``)."""
@@ -297,7 +297,9 @@ class KafkaWorker:
         """Run until ``stop()`` (SIGTERM); with ``until_drained``, until every assigned partition is
         consumed and committed to its end; with ``idle_timeout_s``, until nothing happened for that long
         (``workers.kafka.run_until``)."""
-        self.consumer.subscribe([self.s.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer.subscribe(
+            [self.s.kafka.posts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         self.lag.restart()
         until = self._until = RunUntil(drained=until_drained, idle_timeout_s=idle_timeout_s)
         last_lag = 0.0

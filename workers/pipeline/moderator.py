@@ -341,9 +341,9 @@ class Moderator:
             decided_at=decided_at,
         )
         key = post.post_id.encode()
-        outputs = [Output(s.verdicts_topic, key, encode(ev))]
+        outputs = [Output(s.kafka.verdicts_topic, key, encode(ev))]
         if ev.novel_risk or (ev.safe is False and ev.category is None):
-            outputs.append(Output(s.novel_risk_topic, key, outputs[0].value))
+            outputs.append(Output(s.kafka.novel_risk_topic, key, outputs[0].value))
         return Outcome(r, OutcomeKind.VERDICT, post.post_id, outputs, verdict=ev)
 
     def _dead_letter(self, p: Prepared) -> Outcome:
@@ -381,7 +381,7 @@ class Moderator:
             r,
             OutcomeKind.DEAD_LETTER,
             dl.post_id,
-            [Output(self.settings.dlq_topic, r.key, value)],
+            [Output(self.settings.kafka.dlq_topic, r.key, value)],
             dead_letter=dl,
         )
 

@@ -1,0 +1,180 @@
+"""The settings groups (``kafka``, ``media``, ``alerts``, ``cache``): each ``GUARDSTREAM_*`` variable keeps
+its flat name (environment, settings file, CLI flags, ``--help``) and is read typed from its group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import NoDecode
+
+from workers.alerts.clustering import ClusterConfig
+from workers.cli.base import _default_text, describe_validation, env_name, read_config_file, unknown_variables
+from workers.kafka.config import consumer_config, producer_config
+from workers.settings import (
+    GROUP_VARIABLES,
+    GROUPS,
+    AlertSettings,
+    CacheSettings,
+    DeliveryMode,
+    KafkaSettings,
+    MediaSettings,
+    Settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("GUARDSTREAM_")]:
+        monkeypatch.delenv(key)
+
+
+def test_every_group_field_is_one_variable_and_a_setting() -> None:
+    mapped = sorted(GROUP_VARIABLES.values())
+    assert len(mapped) == len(set(mapped))  # no group field is set by two variables
+    assert set(mapped) == {(g, f) for g, model in GROUPS.items() for f in model.model_fields}
+    assert set(GROUP_VARIABLES) <= set(Settings.model_fields)
+    for name, (group, field) in GROUP_VARIABLES.items():  # the flat field is the group field's own
+        flat, own = Settings.model_fields[name], GROUPS[group].model_fields[field]
+        assert (flat.annotation, flat.metadata) == (own.annotation, own.metadata), name
+        assert flat.get_default(call_default_factory=True) == own.get_default(call_default_factory=True)
+
+
+def test_the_defaults_are_the_groups_own() -> None:
+    s = Settings()
+    assert (s.kafka, s.media, s.alerts, s.cache) == (
+        KafkaSettings(),
+        MediaSettings(),
+        AlertSettings(),
+        CacheSettings(),
+    )
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092" and s.kafka.delivery is DeliveryMode.AT_LEAST_ONCE
+    assert s.media.allowed_buckets == ["guardstream-media"] and s.media.deadline_s == 300.0
+    assert s.alerts.app_id == "guardstream-alerts" and s.alerts.join_threshold == 0.45
+    assert _default_text("allowed_buckets") == "guardstream-media"  # what --help shows
+    assert _default_text("session_timeout_ms") == "10000"
+
+
+def test_groups_are_built_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var, value in {
+        "BOOTSTRAP_SERVERS": "kafka:9093",
+        "POSTS_TOPIC": "in",
+        "DELIVERY": "exactly-once",
+        "KAFKA_EXTRA": '{"security.protocol": "SASL_SSL"}',
+        "S3_REGION": "eu-west-1",
+        "MEDIA_DEADLINE_S": "12.5",
+        "INFLIGHT_IMAGE_BYTES": str(64 << 20),
+        "ALERTS_APP_ID": "alerts-2",
+        "ALERT_MIN_COUNT": "3",
+        "ALERT_MERGE_THRESHOLD": "0.9",
+    }.items():
+        monkeypatch.setenv(f"GUARDSTREAM_{var}", value)
+    s = Settings()
+    assert (s.kafka.bootstrap_servers, s.kafka.posts_topic) == ("kafka:9093", "in")
+    assert s.kafka.delivery is DeliveryMode.EXACTLY_ONCE
+    assert s.kafka.extra == {"security.protocol": "SASL_SSL"}
+    assert (s.media.s3_region, s.media.deadline_s, s.media.inflight_image_bytes) == (
+        "eu-west-1",
+        12.5,
+        64 << 20,
+    )
+    assert (s.alerts.app_id, s.alerts.min_count, s.alerts.merge_threshold) == ("alerts-2", 3, 0.9)
+    cfg = ClusterConfig.from_settings(s)  # the alerts app reads the group
+    assert (cfg.min_count, cfg.merge_threshold, cfg.window_s) == (3, 0.9, 3600)
+
+
+@pytest.mark.parametrize("value", ["a,b", " a , b ", '["a", "b"]', ' ["a","b"] '])
+def test_allowed_buckets_from_the_environment_as_csv_or_json(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NoDecode survives the copy into the generated flat field: the env value reaches _split_csv as text
+    assert NoDecode in Settings.model_fields["allowed_buckets"].metadata
+    monkeypatch.setenv("GUARDSTREAM_ALLOWED_BUCKETS", value)
+    assert Settings().media.allowed_buckets == ["a", "b"]
+
+
+def test_an_empty_optional_value_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDSTREAM_S3_ENDPOINT_URL", "")  # the k8s ConfigMap's: AWS S3 itself
+    monkeypatch.setenv("GUARDSTREAM_TRANSACTIONAL_ID", " ")
+    s = Settings()
+    assert s.media.s3_endpoint_url is None and s.kafka.transactional_id is None
+
+
+def test_model_copy_with_flat_names_rebuilds_the_groups() -> None:
+    s = Settings()
+    t = s.model_copy(
+        update={
+            "bootstrap_servers": "k:1",
+            "allowed_buckets": ["x"],
+            "alert_window_s": 60,
+            "kafka_extra": {"a": "b"},
+        }
+    )
+    assert (t.kafka.bootstrap_servers, t.kafka.extra, t.media.allowed_buckets) == ("k:1", {"a": "b"}, ["x"])
+    assert t.alerts.window_s == 60
+    assert (s.kafka.bootstrap_servers, s.media.allowed_buckets, s.alerts.window_s) == (
+        "127.0.0.1:9092",
+        ["guardstream-media"],
+        3600,
+    )
+    # model_construct: no validator ran, the groups are built on first read
+    c = Settings.model_construct(posts_topic="p", media_deadline_s=5.0)
+    assert c.kafka.posts_topic == "p" and c.media.deadline_s == 5.0 and c.alerts == AlertSettings()
+
+
+def test_groups_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValidationError):
+        s.kafka.bootstrap_servers = "elsewhere:9092"  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        KafkaSettings(kafka_extra={})  # type: ignore[call-arg]  # the group's name is `extra`
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "reason"),
+    [
+        ("DELIVERY", "twice", "'at-least-once' or 'exactly-once'"),
+        ("SESSION_TIMEOUT_MS", "10", "greater than or equal to 1000"),
+        ("FETCH_CONCURRENCY", "0", "greater than or equal to 1"),
+        ("ALERT_JOIN_THRESHOLD", "2", "less than or equal to 1"),
+        ("MEDIA_DEADLINE_S", "0", "greater than 0"),
+    ],
+)
+def test_an_invalid_group_value_names_the_variable(
+    var: str, value: str, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"GUARDSTREAM_{var}", value)
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    line = describe_validation(exc.value)
+    assert f"--{var.lower().replace('_', '-')} / GUARDSTREAM_{var}={value!r}:" in line, line
+    assert reason in line and "\n" not in line
+
+
+def test_group_variables_are_known_names() -> None:
+    assert unknown_variables({env_name(name): "1" for name in GROUP_VARIABLES}) == []
+
+
+def test_settings_file_sets_group_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "gs.toml"
+    toml.write_text(
+        'bootstrap_servers = "kafka.example:9092"\nallowed_buckets = ["a", "b"]\nalert_min_authors = 2\n'
+        '[kafka_extra]\n"security.protocol" = "SSL"\n'
+    )
+    for var, value in read_config_file(toml).items():
+        monkeypatch.setenv(var, value)
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "kafka.example:9092" and s.kafka.extra == {"security.protocol": "SSL"}
+    assert s.media.allowed_buckets == ["a", "b"] and s.alerts.min_authors == 2
+
+
+def test_client_configs_are_built_from_the_kafka_group() -> None:
+    k = Settings(
+        bootstrap_servers="k:1", group_id="g", session_timeout_ms=8000, kafka_extra={"client.id": "me"}
+    ).kafka
+    c, p = consumer_config(k), producer_config(k)
+    assert (c["bootstrap.servers"], c["group.id"], c["session.timeout.ms"]) == ("k:1", "g", 8000)
+    assert c["heartbeat.interval.ms"] == 2000 and c["client.id"] == p["client.id"] == "me"
+    assert p["message.timeout.ms"] == 30_000
