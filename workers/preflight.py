@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from guard.config import ServerConfig, TransformersConfig, VllmConfig
 from guard.engines import EngineKind
@@ -23,7 +24,7 @@ from guard.types import GuardEngine, ModerationItem
 from schemas.errors import EXIT_CONFIG, FatalError
 from workers.kafka.config import admin_config
 from workers.secrets import mask_url, mask_urls_in
-from workers.settings import Settings
+from workers.settings import DeliveryMode, Settings, describe_settings_error
 
 KNOWN_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # Working memory of one decode per byte of a pixel at the cap (4 B/px stored, x1.5 while downscaling).
@@ -68,6 +69,9 @@ def load_settings(**overrides: Any) -> tuple[Settings | None, CheckResult]:
     except ValidationError as exc:
         errs = [f"{_env(str(e['loc'][0]))}: {e['msg']}" if e.get("loc") else e["msg"] for e in exc.errors()]
         return None, CheckResult("settings", False, "; ".join(errs)[:600], "correct the variables named")
+    except SettingsError as exc:  # a JSON variable that is not JSON
+        why = describe_settings_error(exc)
+        return None, CheckResult("settings", False, why, "correct the variable's value")
     return s, check_settings(s)
 
 
@@ -85,6 +89,16 @@ def check_settings(s: Settings) -> CheckResult:
         "sasl.mechanism", s.kafka.extra.get("sasl.mechanisms")
     ):
         problems.append(("SASL without sasl.mechanism", 'add "sasl.mechanism" to GUARDSTREAM_KAFKA_EXTRA'))
+    k = s.kafka
+    if k.delivery is DeliveryMode.EXACTLY_ONCE and k.produce_timeout_s * 1000 > k.transaction_timeout_ms:
+        # librdkafka refuses a transactional producer whose message.timeout.ms exceeds its transaction's
+        problems.append(
+            (
+                f"PRODUCE_TIMEOUT_S={k.produce_timeout_s:g} is longer than TRANSACTION_TIMEOUT_MS="
+                f"{k.transaction_timeout_ms} (exactly-once)",
+                "lower GUARDSTREAM_PRODUCE_TIMEOUT_S or raise GUARDSTREAM_TRANSACTION_TIMEOUT_MS",
+            )
+        )
     need = s.media.max_image_pixels * _DECODE_BYTES_PER_CAPPED_PIXEL
     if need > s.media.decode_budget_bytes:
         problems.append(

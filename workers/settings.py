@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from guard.config import CONFIGS, EngineConfig, EngineKind
 
@@ -379,3 +381,18 @@ class Settings(_Variables):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
+
+
+def describe_settings_error(exc: SettingsError, environ: Mapping[str, str] | None = None) -> str:
+    """One line for a variable the environment source could not even parse (pydantic-settings decodes a
+    dict-valued variable, ``GUARDSTREAM_KAFKA_EXTRA``, as JSON before validating it): the variable, its
+    value and what is expected, instead of a traceback."""
+    env = os.environ if environ is None else environ
+    m = re.search(r'field "(\w+)"', str(exc))
+    if m is None:
+        return str(exc)
+    var = f"GUARDSTREAM_{m.group(1).upper()}"
+    return (
+        f"{var}={env.get(var, '')!r}: not valid JSON; write it as a JSON object, "
+        f'e.g. {var}=\'{{"security.protocol": "SASL_SSL"}}\''
+    )

@@ -4,6 +4,7 @@ its flat name (environment, settings file, CLI flags, ``--help``) and is read ty
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,44 @@ def test_client_configs_are_built_from_the_kafka_group() -> None:
     assert (c["bootstrap.servers"], c["group.id"], c["session.timeout.ms"]) == ("k:1", "g", 8000)
     assert c["heartbeat.interval.ms"] == 2000 and c["client.id"] == p["client.id"] == "me"
     assert p["message.timeout.ms"] == 30_000
+
+
+def test_a_variable_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic-settings decodes a dict-valued variable as JSON before validation: a SettingsError with a
+    # traceback, not a ValidationError; every entry point names the variable, its value and the form
+    from pydantic_settings import SettingsError
+
+    from workers import preflight
+    from workers.cli.base import CliError, load_settings
+    from workers.settings import describe_settings_error
+
+    monkeypatch.setenv("GUARDSTREAM_KAFKA_EXTRA", "security.protocol=SSL")
+    with pytest.raises(SettingsError) as exc:
+        Settings()
+    line = describe_settings_error(exc.value)
+    assert line.startswith("GUARDSTREAM_KAFKA_EXTRA='security.protocol=SSL': not valid JSON"), line
+    assert "\n" not in line and '{"security.protocol"' in line
+    with pytest.raises(CliError, match=re.escape(line)):
+        load_settings()
+    s, result = preflight.load_settings()
+    assert s is None and not result.ok and result.detail == line
+
+
+def test_transaction_timeout_reaches_the_transactional_producer() -> None:
+    # GUARDSTREAM_TRANSACTION_TIMEOUT_MS was declared but never set on the producer
+    from workers.preflight import check_settings
+
+    k = Settings(transaction_timeout_ms=45_000).kafka
+    assert "transactional.id" not in producer_config(k) and "transaction.timeout.ms" not in producer_config(k)
+    p = producer_config(k, transactional_id="g-host")
+    assert p["transactional.id"] == "g-host" and p["transaction.timeout.ms"] == 45_000
+    # librdkafka refuses message.timeout.ms > transaction.timeout.ms: said by the pre-flight check, by name
+    bad = check_settings(
+        Settings(delivery="exactly-once", produce_timeout_s=90, transaction_timeout_ms=60_000)
+    )
+    assert (
+        not bad.ok
+        and "TRANSACTION_TIMEOUT_MS" in bad.detail
+        and "GUARDSTREAM_PRODUCE_TIMEOUT_S" in (bad.fix or "")
+    )
+    assert check_settings(Settings(delivery="exactly-once")).ok

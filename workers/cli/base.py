@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import structlog
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 # Typer >= 0.24 vendors click as typer._click: its parsing errors are not the installed click's classes
 try:
@@ -32,7 +33,7 @@ except ImportError:  # an older Typer on top of click
     from click.exceptions import UsageError as UsageError  # type: ignore[assignment]
 
 from guard.engines import EngineKind
-from workers.settings import Settings
+from workers.settings import Settings, describe_settings_error
 
 log = structlog.get_logger("guardstream")
 
@@ -177,6 +178,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         raise CliError(describe_validation(exc)) from None
+    except SettingsError as exc:  # a JSON variable that is not JSON
+        raise CliError(describe_settings_error(exc)) from None
 
 
 def describe_validation(exc: ValidationError) -> str:

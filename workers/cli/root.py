@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from workers.cli.base import app, apply_config_file
 from workers.observability.logging import configure_logging
@@ -73,7 +74,7 @@ def root(
     cmd = ctx.invoked_subcommand
     try:
         env = Settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         if cmd != "check":  # `check` reports each invalid variable itself
             from workers.preflight import load_settings
 

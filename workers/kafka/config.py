@@ -46,7 +46,9 @@ def consumer_config(k: KafkaSettings) -> dict[str, Any]:
     return cfg
 
 
-def producer_config(k: KafkaSettings) -> dict[str, Any]:
+def producer_config(k: KafkaSettings, transactional_id: str | None = None) -> dict[str, Any]:
+    """The worker's producer; with ``transactional_id``, a transactional one (exactly-once), whose open
+    transaction the broker aborts ``TRANSACTION_TIMEOUT_MS`` after its producer went silent."""
     cfg: dict[str, Any] = {
         "bootstrap.servers": k.bootstrap_servers,
         "enable.idempotence": True,
@@ -58,6 +60,9 @@ def producer_config(k: KafkaSettings) -> dict[str, Any]:
         "log.connection.close": False,
         "logger": kafka_logger(),
     }
+    if transactional_id is not None:
+        cfg["transactional.id"] = transactional_id
+        cfg["transaction.timeout.ms"] = k.transaction_timeout_ms
     cfg.update(k.extra)
     return cfg
 

@@ -124,12 +124,10 @@ class KafkaWorker:
             on_down=lambda: self._event("broker_down"),
         )
         self.consumer = Consumer({**consumer_config(settings.kafka), "error_cb": self.broker.on_error})
-        transactional = settings.kafka.delivery is DeliveryMode.EXACTLY_ONCE
-        pcfg = {**producer_config(settings.kafka), "error_cb": self.broker.on_error}
-        if transactional:
-            pcfg["transactional.id"] = (
-                settings.kafka.transactional_id or f"{settings.kafka.group_id}-{socket.gethostname()}"
-            )
+        k = settings.kafka
+        transactional = k.delivery is DeliveryMode.EXACTLY_ONCE
+        txn_id = (k.transactional_id or f"{k.group_id}-{socket.gethostname()}") if transactional else None
+        pcfg = {**producer_config(k, transactional_id=txn_id), "error_cb": self.broker.on_error}
         self.producer = Producer(pcfg)
         if transactional:
             # fences any zombie with the same id and aborts its open transaction
