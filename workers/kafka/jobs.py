@@ -9,8 +9,7 @@ from guard.types import Verdict
 from workers.kafka.offsets import TP
 from workers.media import ImageLease
 from workers.pipeline.engine_loop import Failure
-from workers.pipeline.moderator import Prepared
-from workers.pipeline.records import Outcome, Record
+from workers.pipeline.records import Outcome, Prepared, Record
 
 
 @dataclass(eq=False, slots=True)

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from workers.kafka.errors import TOO_LARGE, PublishError, kafka_error
 from workers.kafka.jobs import Job
 from workers.observability.sensors import Sensor
-from workers.pipeline.moderator import shrink_output
+from workers.pipeline.outcomes import shrink_output
 from workers.pipeline.records import Output
 
 log = structlog.get_logger(__name__)

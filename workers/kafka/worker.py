@@ -69,8 +69,8 @@ from workers.kafka.run_until import RunUntil, is_partition_end
 from workers.media import ImageBudget
 from workers.observability.sensors import Sensor
 from workers.pipeline.engine_loop import EngineLoop
-from workers.pipeline.moderator import Moderator, Prepared
-from workers.pipeline.records import OutcomeKind, Record
+from workers.pipeline.moderator import Moderator
+from workers.pipeline.records import OutcomeKind, Prepared, Record
 from workers.settings import DeliveryMode, Settings
 
 __all__ = [

@@ -1,65 +1,41 @@
-"""The transport-agnostic heart of the worker (its data types are in ``workers.pipeline.records``).
+"""The transport-agnostic heart of the worker: consumed ``Record``s in, ``Outcome``s out (the exact messages
+to publish for each record). Its data types are in ``workers.pipeline.records``.
 
-``prepare`` (decode → validate → fetch media → content hash → cache lookup) and ``infer`` (engine on
-the cache misses as one batch → cache write → events) turn consumed records into ``Outcome``s: the
-exact messages to publish for each record. The Kafka runner only moves bytes and commits; tests can
-drive this class with plain lists.
+- ``decode`` — each record's bytes to a validated ``PostEvent`` (``schemas.codec.decode_post``); a bad one
+  is that record's dead letter with a stable ``ErrorCode``, never an exception;
+- ``complete`` — fetch its images (``workers.media``), content hash, verdict-cache lookup;
+- the engine on the cache misses: the streaming worker awaits ``StreamingEngine.judge`` per post
+  (``workers.pipeline.engine_loop``); the batch path (``call_engine``: replay, offline tools) calls
+  ``GuardEngine.moderate`` through ``workers.pipeline.batch``;
+- ``finish`` — cache the new verdicts, build each ``Outcome`` (``workers.pipeline.outcomes``).
+
+The Kafka worker (``workers.kafka.worker``) only moves bytes, awaits acks and commits; tests drive this
+class with plain lists and the fakes in ``workers.testing``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
-from guard.errors import EngineDeadError, EngineError
-from guard.types import GuardEngine, ModerationItem, StreamingEngine, Verdict
+from guard.types import GuardEngine, ModerationItem, StreamingEngine
 from schemas.codec import decode_post
 from schemas.errors import RecordError
-from schemas.events import DeadLetterEvent, ErrorCode, ImageRef, PostEvent
-from schemas.wire import CachedVerdict, ScoresWire, VerdictWire, encode
+from schemas.events import ErrorCode, PostEvent
+from schemas.wire import CachedVerdict
 from workers.cache import ContentKeyer, VerdictStore
 from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.observability.sensors import Sensor, default_sensor
-from workers.pipeline.records import Outcome, OutcomeKind, Output, Record
+from workers.pipeline.batch import judge_batch
+from workers.pipeline.outcomes import OutcomeBuilder
+from workers.pipeline.outcomes import to_cache as cache_entry
+from workers.pipeline.records import Outcome, Prepared, Record
 from workers.settings import ParseErrorPolicy, Settings
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(slots=True)
-class Prepared:
-    record: Record
-    started: float
-    post: PostEvent | None = None
-    item: ModerationItem | None = None
-    key: str | None = None
-    cached: CachedVerdict | None = None
-    error: tuple[ErrorCode, str, str] | None = None  # code, error class, message
-    verdict: Verdict | None = field(default=None)
-    unavailable: str | None = None  # an infrastructure outage (S3) kept it from being prepared: retry later
-
-    @property
-    def image_refs(self) -> list[ImageRef]:
-        """The refs this post still has to fetch (none once it failed or was fetched)."""
-        if self.post is None or self.error is not None or self.item is not None or not self.post.images:
-            return []
-        return self.post.image_refs
-
-    def drop_images(self) -> None:
-        """Let go of the decoded images once the outcome is built (the record may wait for its acks)."""
-        if self.item is not None and self.item.images:
-            self.item = replace(self.item, images=())
-
-    @property
-    def needs_engine(self) -> bool:
-        return (
-            self.error is None and self.item is not None and self.cached is None and self.unavailable is None
-        )
 
 
 class Moderator:
@@ -80,7 +56,13 @@ class Moderator:
         self._keyer = ContentKeyer(
             engine=engine.name, model_version=engine.model_version, policy=engine.policy_version
         )
-        self._taxonomy = getattr(engine, "taxonomy", None)
+        self._outcomes = OutcomeBuilder.from_settings(
+            settings,
+            engine=engine.name,
+            model_version=engine.model_version,
+            policy_version=engine.policy_version,
+            taxonomy=getattr(engine, "taxonomy", None),
+        )
         self.sensor = sensor if sensor is not None else default_sensor()
         self.sensor.on_engine(engine.name)
 
@@ -211,11 +193,11 @@ class Moderator:
         ``workers.pipeline.engine_loop``.)"""
         todo = self._todo(prepared)
         if todo:
-            self._run_engine(todo)
+            self._judge(todo)
             if self.settings.on_parse_error is ParseErrorPolicy.RETRY:
                 again = [p for p in todo if p.verdict is not None and p.verdict.parse_error]
                 for p in again:  # once more, alone
-                    self._run_engine([p])
+                    self._judge([p])
 
     def finish(self, prepared: Sequence[Prepared]) -> list[Outcome]:
         """After ``call_engine``: cache the new verdicts, build the outcome (events to publish) per record."""
@@ -236,12 +218,12 @@ class Moderator:
                         f"raw={(v.raw_output or '')[:1500]!r}",
                     )
                 elif p.key is not None and self.cache is not None:
-                    to_cache.append((p.key, _to_cache(v)))
+                    to_cache.append((p.key, cache_entry(v)))
             if self.cache is not None:
                 self.cache.put_many(to_cache)
         # one clock reading per batch: the batch is decided at one moment
         now, decided_at = time.monotonic(), datetime.now(UTC)
-        outcomes = [self._outcome(p, now, decided_at) for p in prepared]
+        outcomes = [self._outcomes.build(p, now, decided_at) for p in prepared]
         self._count(outcomes, decided_at)
         return outcomes
 
@@ -265,125 +247,13 @@ class Moderator:
                 by_code[code] = by_code.get(code, 0) + 1
         self.sensor.on_outcomes(self.engine.name, by_label, by_code, novel, ages)
 
-    def _run_engine(self, items: list[Prepared]) -> None:
-        """Moderate ``items`` in one call; on failure retry, then bisect to isolate poison posts. (The batch
-        path, for replay and offline tools; the Kafka worker streams through
-        ``workers.pipeline.engine_loop``.)"""
+    def _judge(self, items: list[Prepared]) -> None:
         engine = self.engine
         if not isinstance(engine, GuardEngine):
             raise TypeError(
                 f"{engine.name}: the batch path needs a GuardEngine (moderate), got a streaming one"
             )
-        batch = [p.item for p in items if p.item is not None]
-        last: Exception | None = None
-        for attempt in range(self.settings.engine_retries + 1):
-            t0 = time.perf_counter()
-            try:
-                verdicts = engine.moderate(batch)
-                if len(verdicts) != len(batch):
-                    raise EngineError(f"engine returned {len(verdicts)} verdicts for {len(batch)} items")
-            except EngineDeadError:
-                # the engine is gone, no post is to blame: never retried item by item nor dead-lettered
-                # (the caller's outage, like MediaUnavailable in ``infer``)
-                self.sensor.on_engine_failure()
-                raise
-            except Exception as exc:
-                self.sensor.on_engine_failure()
-                last = exc
-                log.warning("engine_batch_failed", size=len(batch), attempt=attempt, error=repr(exc)[:300])
-                continue
-            self.sensor.on_engine_batch(len(batch), time.perf_counter() - t0)
-            for p, v in zip(items, verdicts, strict=True):
-                p.verdict = v
-            return
-        if len(items) == 1:
-            items[0].error = (ErrorCode.ENGINE_FAILED, type(last).__name__, repr(last)[:1000])
-            return
-        mid = len(items) // 2
-        self._run_engine(items[:mid])
-        self._run_engine(items[mid:])
-
-    # ---------------------------------------------------------------- events
-    def _outcome(self, p: Prepared, now: float, decided_at: datetime) -> Outcome:
-        r = p.record
-        s = self.settings
-        if p.error is not None or p.post is None:
-            return self._dead_letter(p)
-        post = p.post
-        v: Verdict | CachedVerdict | None = p.cached if p.cached is not None else p.verdict
-        assert v is not None and p.key is not None
-        tax = self._taxonomy
-        ev = VerdictWire(
-            post_id=post.post_id,
-            author_id=post.author_id,
-            modality=post.modality,
-            safe=v.safe,
-            category=v.category,
-            category_name=tax.category_name(v.category) if tax else None,
-            subcategory=v.subcategory,
-            subcategory_name=tax.subcategory_name(v.subcategory) if tax else None,
-            novel_risk=v.novel_risk,
-            abstained_reason=v.abstained_reason,
-            parse_error=False,  # an unparseable output is dead-lettered (finish), never published
-            reasoning=v.reasoning if s.publish_reasoning else None,
-            raw_output=v.raw_output if s.publish_reasoning else None,
-            scores=ScoresWire(p_unsafe=v.p_unsafe, category_similarity=v.category_similarity),
-            engine=self.engine.name,
-            model_version=self.engine.model_version,
-            policy_version=self.engine.policy_version,
-            content_hash=p.key,
-            cache_hit=p.cached is not None,
-            latency_ms=round((now - p.started) * 1000.0, 3),
-            source_topic=r.topic,
-            source_partition=r.partition,
-            source_offset=r.offset,
-            post_created_at=post.created_at,
-            decided_at=decided_at,
-        )
-        key = post.post_id.encode()
-        outputs = [Output(s.kafka.verdicts_topic, key, encode(ev))]
-        if ev.novel_risk or (ev.safe is False and ev.category is None):
-            outputs.append(Output(s.kafka.novel_risk_topic, key, outputs[0].value))
-        return Outcome(r, OutcomeKind.VERDICT, post.post_id, outputs, verdict=ev)
-
-    def _dead_letter(self, p: Prepared) -> Outcome:
-        r = p.record
-        code, cls, msg = p.error or (ErrorCode.INVALID_EVENT, "Unknown", "no post")
-        raw = r.value or b""
-        dl = DeadLetterEvent(
-            post_id=p.post.post_id if p.post else _post_id_hint(r.value),
-            error_code=code,
-            error_class=cls,
-            message=msg,
-            source_topic=r.topic,
-            source_partition=r.partition,
-            source_offset=r.offset,
-            original_key_b64=DeadLetterEvent.encode_bytes(
-                r.key[: self.settings.dlq_max_original_bytes] if r.key else r.key
-            ),
-            original_value_b64=DeadLetterEvent.encode_bytes(raw[: self.settings.dlq_max_original_bytes])
-            or "",
-            original_value_size=len(raw),
-            original_value_sha256=hashlib.sha256(raw).hexdigest(),
-            original_value_truncated=len(raw) > self.settings.dlq_max_original_bytes,
-        )
-        log.info(
-            "post_dead_lettered",
-            post_id=dl.post_id,
-            topic=r.topic,
-            partition=r.partition,
-            offset=r.offset,
-            error_code=code.value,
-            reason=msg[:200],
-        )
-        value = dl.__pydantic_serializer__.to_json(dl)
-        return Outcome(
-            r,
-            OutcomeKind.DEAD_LETTER,
-            dl.post_id,
-            [Output(self.settings.kafka.dlq_topic, r.key, value)],
-            dead_letter=dl,
-        )
+        judge_batch(engine, items, retries=self.settings.engine_retries, sensor=self.sensor)
 
     def process(self, records: Sequence[Record]) -> list[Outcome]:
         return self.infer(self.prepare(records))
@@ -395,33 +265,6 @@ class Moderator:
             self.cache.close()
         if isinstance(self.engine, GuardEngine):  # a streaming engine is closed by its event loop (aclose)
             self.engine.close()
-
-
-def _to_cache(v: Verdict) -> CachedVerdict:
-    return CachedVerdict(
-        safe=v.safe,
-        category=v.category,
-        subcategory=v.subcategory,
-        novel_risk=v.novel_risk,
-        p_unsafe=v.p_unsafe,
-        category_similarity=v.category_similarity,
-        reasoning=v.reasoning,
-        raw_output=v.raw_output,
-        abstained_reason=v.abstained_reason,
-    )
-
-
-def _post_id_hint(raw: bytes | None) -> str | None:
-    """Best effort post_id from an invalid event, for the dead letter (never raises)."""
-    import json
-
-    try:
-        obj = json.loads(raw or b"")
-    except Exception:
-        return None
-    pid = obj.get("post_id") if isinstance(obj, dict) else None
-    # a lone surrogate ("\ud800") would make the dead letter itself unserialisable: replace it
-    return pid[:256].encode("utf-8", "replace").decode("utf-8") if isinstance(pid, str) else None
 
 
 def _reject(p: Prepared, exc: RecordError) -> None:
@@ -442,29 +285,3 @@ def _internal(p: Prepared, exc: Exception, stage: str) -> None:
         offset=p.record.offset,
         exc_info=exc,
     )
-
-
-def shrink_output(out: Output, outcome: Outcome) -> Output | None:
-    """A smaller version of an output the broker refused as too large (``MSG_SIZE_TOO_LARGE``): a dead
-    letter loses the original bytes (size and sha256 stay) and most of its message; a verdict loses its
-    reasoning and raw output. None when there is nothing left to cut."""
-    dl = outcome.dead_letter
-    if dl is not None:
-        if not dl.original_value_b64 and len(dl.message) <= 200 and not dl.original_key_b64:
-            return None
-        small = dl.model_copy(
-            update={
-                "original_value_b64": "",
-                "original_key_b64": None,
-                "original_value_truncated": True,
-                "message": dl.message[:200],
-            }
-        )
-        outcome.dead_letter = small
-        return Output(out.topic, out.key, small.__pydantic_serializer__.to_json(small))
-    v = outcome.verdict
-    if v is not None and (v.reasoning or v.raw_output):
-        v.reasoning = None
-        v.raw_output = None
-        return Output(out.topic, out.key, encode(v))
-    return None
