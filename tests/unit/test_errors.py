@@ -29,7 +29,7 @@ from schemas.errors import EXIT_CONFIG, EXIT_OUTAGE, FatalError, InfrastructureE
 from schemas.events import ErrorCode, ImageRef
 from workers.cli.worker import run_worker
 from workers.demo.sample_feed import post
-from workers.kafka.admin import TopicCreationError
+from workers.kafka.admin import TopicCreationError, TopicCreationTimeout, creation_error
 from workers.kafka.worker import BrokerUnavailable, EngineUnavailable, MediaOutage, PublishError
 from workers.media import FetchedImage, MediaError, MediaUnavailable, decode_image
 from workers.pipeline.moderator import Moderator
@@ -160,6 +160,26 @@ def test_every_fatal_error_names_exit_code_2_or_3() -> None:
     assert {c.__name__: c.exit_code for c in subclasses if c.exit_code not in (2, 3)} == {}
     assert {c.exit_code for c in expected} == {EXIT_OUTAGE}
     assert PreflightError.exit_code == TopicCreationError.exit_code == EXIT_CONFIG
+    assert TopicCreationTimeout.exit_code == EXIT_OUTAGE
+
+
+def test_a_topic_creation_that_only_timed_out_is_an_outage_not_a_configuration_error() -> None:
+    import concurrent.futures
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    for slow in (
+        concurrent.futures.TimeoutError(),
+        KafkaException(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True)),
+    ):
+        err = creation_error("posts", slow, 15.0)
+        assert isinstance(err, TopicCreationTimeout) and err.exit_code == EXIT_OUTAGE, slow
+        assert "posts" in str(err) and "run the command again" in str(err)
+    refused = creation_error(
+        "posts", KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied")), 15.0
+    )
+    assert isinstance(refused, TopicCreationError) and refused.exit_code == EXIT_CONFIG
+    assert "TOPIC_AUTHORIZATION_FAILED" in str(refused) or "denied" in str(refused)
 
 
 def test_a_fatal_error_without_an_exit_code_cannot_be_defined() -> None:
@@ -201,6 +221,7 @@ FATAL = [
     PublishError("2 output(s) unacknowledged after 30s"),
     PreflightError([CheckResult("topics", False, "posts missing", "create it")]),
     TopicCreationError("cannot create topic audit: TOPIC_AUTHORIZATION_FAILED"),
+    TopicCreationTimeout("topic audit was not created within 15s"),
 ]
 
 

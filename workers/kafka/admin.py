@@ -6,18 +6,41 @@ It lives here (not in ``infra.stack``) so that production code never imports the
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping
 
-from schemas.errors import EXIT_CONFIG, FatalError
+from schemas.errors import EXIT_CONFIG, EXIT_OUTAGE, FatalError
 
 
 class TopicCreationError(FatalError):
     """A topic could not be created (other than because it already exists): the broker refused it (ACLs,
-    a topic policy, a replication factor the cluster cannot meet) or did not finish within ``timeout_s``.
-    Found when a command starts, before anything is consumed; a refusal is not fixed by waiting: exit 2.
-    (A broker that cannot be reached at all fails earlier, in ``list_topics``: ``KafkaException``, exit 3.)"""
+    a topic policy, a replication factor the cluster cannot meet). Found when a command starts, before
+    anything is consumed; a refusal is not fixed by waiting: exit 2. (A broker that cannot be reached at
+    all fails earlier, in ``list_topics``: ``KafkaException``, exit 3.)"""
 
     exit_code = EXIT_CONFIG
+
+
+class TopicCreationTimeout(FatalError):
+    """The broker did not finish creating a topic in time, or answered with a retriable error (a
+    controller moving, a broker restarting): infrastructure, not configuration. Exit 3: run again."""
+
+    exit_code = EXIT_OUTAGE
+
+
+def creation_error(topic: str, exc: BaseException, timeout_s: float) -> FatalError:
+    """What a failed topic creation means for the command: an outage (exit 3) or a refusal (exit 2)."""
+    from confluent_kafka import KafkaException
+
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(exc, TimeoutError | concurrent.futures.TimeoutError) or (
+        err is not None and hasattr(err, "retriable") and err.retriable()
+    ):
+        return TopicCreationTimeout(
+            f"topic {topic} was not created within {timeout_s:g}s ({exc or type(exc).__name__}); "
+            "the broker is slow or restarting: run the command again"
+        )
+    return TopicCreationError(f"cannot create topic {topic}: {exc}")
 
 
 def create_topics(
@@ -40,4 +63,4 @@ def create_topics(
             fut.result(timeout_s)
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise TopicCreationError(f"cannot create topic {name}: {exc}") from exc
+                raise creation_error(name, exc, timeout_s) from exc
