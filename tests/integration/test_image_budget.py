@@ -23,6 +23,7 @@ from tests.integration.test_streaming_worker import (
 )
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
+from workers.observability.sensors import RecordingSensor
 from workers.settings import Settings
 from workers.testing import FakeStreamingEngine
 from workers.wiring import build_worker
@@ -83,7 +84,10 @@ def test_image_posts_wait_for_the_budget_and_the_partitions_pause(
     produce_all(s.bootstrap_servers, s.posts_topic, posts)
     engine = CountingEngine(hold=lambda pid: pid.startswith("im"))
     paused = threading.Event()
-    worker = build_worker(s, engine, on_event=lambda name, _d: paused.set() if name == "paused" else None)
+    sensor = RecordingSensor()
+    worker = build_worker(
+        s, engine, sensor=sensor, on_event=lambda name, _d: paused.set() if name == "paused" else None
+    )
     errors: list[BaseException] = []
     t = run_in_thread(worker, errors, until_drained=True)
     assert paused.wait(60), "the partitions were not paused while image posts waited for the budget"
@@ -105,6 +109,9 @@ def test_image_posts_wait_for_the_budget_and_the_partitions_pause(
     assert counts == Counter(pid for pid, _ in posts), "lost or duplicated posts"
     assert not [o for o in outputs(s) if o.get("error_code")]
     assert worker.images.used == 0
+    # what the dashboard shows (guardstream_image_budget_*): full while posts waited, empty at the end
+    assert (16 * MIB, 16 * MIB) in {(used, cap) for used, cap, waiting in sensor.image_budget if waiting}
+    assert sensor.image_budget[-1] == (0, 16 * MIB, 0)
 
 
 @pytest.mark.integration

@@ -493,6 +493,7 @@ class KafkaWorker:
         self.sensor.on_in_flight(
             len(self._in_engine) + len(self._engine_held) + len(self._media_held) + len(self._budget_held)
         )
+        self.sensor.on_image_budget(self.images.used, self.images.capacity, len(self._budget_held))
 
     # ------------------------------------------------------------ engine requests
     def _submit(self, job: Job) -> None:

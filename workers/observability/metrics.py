@@ -45,6 +45,16 @@ BROKER_DOWN_SECONDS = Gauge(
 )
 PAUSED_PARTITIONS = Gauge("guardstream_paused_partitions", "Partitions paused for backpressure")
 MAX_IN_FLIGHT = Gauge("guardstream_max_in_flight", "Engine requests the worker keeps outstanding at most")
+IMAGE_BUDGET_USED = Gauge(
+    "guardstream_image_budget_used_bytes",
+    "Normalised image bytes admitted posts hold, decode to outcome (INFLIGHT_IMAGE_BYTES budget)",
+)
+IMAGE_BUDGET_CAPACITY = Gauge(
+    "guardstream_image_budget_capacity_bytes", "GUARDSTREAM_INFLIGHT_IMAGE_BYTES: the image budget's size"
+)
+IMAGE_POSTS_WAITING = Gauge(
+    "guardstream_image_posts_waiting", "Decoded image posts waiting, unfetched, for room in the image budget"
+)
 ENGINE_TIMEOUTS = Counter(
     "guardstream_engine_timeouts_total", "Engine requests that did not answer within ENGINE_TIMEOUT_S"
 )

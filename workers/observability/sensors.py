@@ -91,6 +91,10 @@ class Sensor(Protocol):
     def on_in_flight(self, n: int) -> None:
         """Posts in the engine or held back (outage, image budget)."""
 
+    def on_image_budget(self, used_bytes: int, capacity_bytes: int, waiting: int) -> None:
+        """The image budget (``INFLIGHT_IMAGE_BYTES``): bytes admitted posts hold, its size, and the image
+        posts waiting for room (admission is stopped while any wait)."""
+
     def on_paused(self, partitions: int) -> None:
         """Partitions paused for backpressure (0: resumed)."""
 
@@ -195,6 +199,11 @@ class PrometheusSensor:
     def on_in_flight(self, n: int) -> None:
         metrics.IN_FLIGHT.set(n)
 
+    def on_image_budget(self, used_bytes: int, capacity_bytes: int, waiting: int) -> None:
+        metrics.IMAGE_BUDGET_USED.set(used_bytes)
+        metrics.IMAGE_BUDGET_CAPACITY.set(capacity_bytes)
+        metrics.IMAGE_POSTS_WAITING.set(waiting)
+
     def on_paused(self, partitions: int) -> None:
         metrics.PAUSED_PARTITIONS.set(partitions)
 
@@ -250,6 +259,7 @@ class RecordingSensor:
     ready: list[tuple[bool, str]] = field(default_factory=list)
     max_in_flight: list[int] = field(default_factory=list)
     in_flight: list[int] = field(default_factory=list)
+    image_budget: list[tuple[int, int, int]] = field(default_factory=list)  # (used, capacity, waiting)
     paused: list[int] = field(default_factory=list)
     outputs_trimmed: int = 0
     commits: int = 0
@@ -331,6 +341,10 @@ class RecordingSensor:
     def on_in_flight(self, n: int) -> None:
         with self._lock:
             self.in_flight.append(n)
+
+    def on_image_budget(self, used_bytes: int, capacity_bytes: int, waiting: int) -> None:
+        with self._lock:
+            self.image_budget.append((used_bytes, capacity_bytes, waiting))
 
     def on_paused(self, partitions: int) -> None:
         with self._lock:
