@@ -62,12 +62,21 @@ def _env(field: str) -> str:
     return f"GUARDSTREAM_{field.upper()}"
 
 
+def _invalid(e: Any) -> str:
+    """One validation error as ``GUARDSTREAM_X=value: why`` (an entry of a dict- or list-valued setting
+    as ``GUARDSTREAM_X['key']=value``); a check across settings is its own message."""
+    if not e.get("loc"):
+        return str(e["msg"])
+    where = "".join(f"[{k!r}]" for k in e["loc"][1:])
+    return f"{_env(str(e['loc'][0]))}{where}={e.get('input')!r}: {e['msg']}"
+
+
 def load_settings(**overrides: Any) -> tuple[Settings | None, CheckResult]:
     """Settings from the environment (and CLI overrides), each validation error named by its variable."""
     try:
         s = Settings(**overrides)
     except ValidationError as exc:
-        errs = [f"{_env(str(e['loc'][0]))}: {e['msg']}" if e.get("loc") else e["msg"] for e in exc.errors()]
+        errs = [_invalid(e) for e in exc.errors()]
         return None, CheckResult("settings", False, "; ".join(errs)[:600], "correct the variables named")
     except SettingsError as exc:  # a JSON variable that is not JSON
         why = describe_settings_error(exc)

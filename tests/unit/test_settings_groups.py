@@ -220,3 +220,16 @@ def test_transaction_timeout_reaches_the_transactional_producer() -> None:
         and "GUARDSTREAM_PRODUCE_TIMEOUT_S" in (bad.fix or "")
     )
     assert check_settings(Settings(delivery="exactly-once")).ok
+
+
+def test_a_bad_entry_of_a_dict_valued_variable_names_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the message once showed only the entry's value ("=1"), not which variable and which key held it
+    from workers import preflight
+
+    monkeypatch.setenv("GUARDSTREAM_KAFKA_EXTRA", '{"client.id": "me", "linger.ms": 5}')
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    line = describe_validation(exc.value)
+    assert line.startswith("--kafka-extra / GUARDSTREAM_KAFKA_EXTRA['linger.ms']=5: "), line
+    _s, result = preflight.load_settings()
+    assert result.detail.startswith("GUARDSTREAM_KAFKA_EXTRA['linger.ms']=5: "), result.detail

@@ -190,7 +190,9 @@ def describe_validation(exc: ValidationError) -> str:
             continue
         field = str(e["loc"][0])
         flag = "--" + field.replace("_", "-")
-        parts.append(f"{flag} / {env_name(field)}={e.get('input')!r}: {e['msg']}")
+        inner = e["loc"][1:]  # an entry of a dict- or list-valued setting (KAFKA_EXTRA's "a": 1)
+        where = "".join(f"[{k!r}]" for k in inner)
+        parts.append(f"{flag} / {env_name(field)}{where}={e.get('input')!r}: {e['msg']}")
     return "; ".join(parts)
 
 
