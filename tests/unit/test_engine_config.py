@@ -130,7 +130,7 @@ def test_an_unknown_engine_fails_at_load_naming_the_variable(monkeypatch: pytest
         Settings()
     assert "--engine / GUARDSTREAM_ENGINE='gpu'" in describe_validation(exc.value)
     s, result = load_settings()
-    assert s is None and not result.ok and result.detail.startswith("GUARDSTREAM_ENGINE:")
+    assert s is None and not result.ok and result.detail.startswith("GUARDSTREAM_ENGINE='gpu': ")
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_an_invalid_engine_value_fails_at_load_naming_the_variable(
         Settings()
     assert f"GUARDSTREAM_{var}={value!r}" in describe_validation(exc.value)
     _, result = load_settings()
-    assert not result.ok and result.detail.startswith(f"GUARDSTREAM_{var}:")
+    assert not result.ok and result.detail.startswith(f"GUARDSTREAM_{var}={value!r}: ")
 
 
 def test_a_derived_value_out_of_bounds_names_the_variables() -> None:

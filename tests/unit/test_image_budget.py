@@ -27,7 +27,8 @@ def _img(side: int) -> Image.Image:
 
 @dataclass
 class Sim:
-    """The worker's use of the budget, without Kafka (``KafkaWorker._route`` / ``_retry_budget_held``)."""
+    """The worker's use of the budget, without Kafka (``workers.kafka.window``: ``Window._route`` and
+    ``Window.admit_waiting``)."""
 
     budget: ImageBudget
     sizes: dict[ImageRef, int]

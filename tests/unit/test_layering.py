@@ -260,11 +260,12 @@ def test_dependencies_flow_one_way() -> None:
 
 
 def test_the_worker_loop_is_the_top_of_workers_kafka() -> None:
-    """``workers/kafka/worker.py`` composes the Kafka parts (checkpoint, publisher, broker watch, outages,
-    run conditions, offsets, client configs); none of them reaches back up into the loop."""
+    """``workers/kafka/worker.py`` composes the Kafka parts (window, checkpoint, publisher, broker watch,
+    outages, run conditions, offsets, client configs); none of them reaches back up into the loop."""
     kafka = ROOT / "workers" / "kafka"
     parts = [p for p in kafka.glob("*.py") if p.name not in ("worker.py", "__init__.py")]
-    assert {p.stem for p in parts} >= {"checkpoint", "publisher", "broker_watch", "outages", "run_until"}
+    expected = {"window", "checkpoint", "publisher", "broker_watch", "outages", "run_until"}
+    assert {p.stem for p in parts} >= expected
     bad = [
         f"{p.relative_to(ROOT).as_posix()}:{line} imports {module}"
         for p in parts

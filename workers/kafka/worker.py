@@ -8,19 +8,19 @@ soon as they are prepared: they never wait behind engine work.
 
 Where each step lives:
 - a record is decoded, fetched, hashed and looked up in the cache by ``workers.pipeline.moderator``;
+- between consume and publish it is in the window (``workers.kafka.window``): the image budget, the
+  engine requests, what an outage holds back;
 - its outputs are produced and their acks read by ``workers.kafka.publisher``;
 - its offset is committed by ``workers.kafka.checkpoint`` at the partition's watermark
   (``workers.kafka.offsets``): never past a record whose outputs might not be on the broker;
 - a broker outage is timed by ``workers.kafka.broker_watch``, an engine or S3 outage by
   ``workers.kafka.outages``; ``workers.kafka.run_until`` says when a run is over.
 
-Backpressure: when ``MAX_IN_FLIGHT`` requests are outstanding the worker stops consuming and waits for
-completions; if that lasts ``PAUSE_AFTER_S`` the partitions are paused and the consumer keeps being
-served (group membership, rebalances) without reading ahead, and they are resumed when room frees up.
-The same holds for image memory (``INFLIGHT_IMAGE_BYTES``, ``workers.media.ImageBudget``): each image post
-reserves its worst case before it is fetched and holds the bytes of its decoded images until its outcome
-is built (or it is dropped by a revoke or shutdown); an image post that does not fit waits, decoded but
-unfetched, and admission stops as for a full window. Text posts already consumed go on.
+Backpressure: when ``MAX_IN_FLIGHT`` requests are outstanding, an image post waits for the image budget
+(``INFLIGHT_IMAGE_BYTES``) or an outage lasts, the worker stops consuming and waits for completions; if
+that lasts ``PAUSE_AFTER_S`` (at once for an outage) the partitions are paused and the consumer keeps
+being served (group membership, rebalances) without reading ahead, and they are resumed when room frees
+up. Text posts already consumed go on.
 
 Rebalances: on revoke the worker waits up to ``REVOKE_TIMEOUT_S`` for the revoked partitions' requests,
 publishes what finished, commits their watermarks, and drops the rest uncommitted (cancelled in the
@@ -33,13 +33,11 @@ backoff, marks the worker not ready, and exits (code 3) past ``ENGINE_DEADLINE_S
 
 from __future__ import annotations
 
-import queue
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -47,9 +45,7 @@ from typing import Any
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 
-from guard.errors import EngineDeadError
-from guard.types import StreamingEngine, Verdict
-from schemas.events import ErrorCode
+from guard.types import StreamingEngine
 from workers.kafka.broker_watch import BrokerWatch
 from workers.kafka.checkpoint import Checkpoint, OutcomeObserver
 from workers.kafka.config import consumer_config, producer_config
@@ -60,17 +56,18 @@ from workers.kafka.errors import (  # re-exported: what a caller of the worker m
     PublishError,
     Unavailable,
 )
-from workers.kafka.jobs import Job, tp_of
+from workers.kafka.jobs import Job
 from workers.kafka.lag import LagReporter
 from workers.kafka.offsets import TP, Offsets
 from workers.kafka.outages import Outage
 from workers.kafka.publisher import Publisher
 from workers.kafka.run_until import RunUntil, is_partition_end
+from workers.kafka.window import Window
 from workers.media import ImageBudget
 from workers.observability.sensors import Sensor
 from workers.pipeline.engine_loop import EngineLoop
 from workers.pipeline.moderator import Moderator
-from workers.pipeline.records import OutcomeKind, Prepared, Record
+from workers.pipeline.records import OutcomeKind, Record
 from workers.settings import DeliveryMode, Settings
 
 __all__ = [
@@ -153,18 +150,19 @@ class KafkaWorker:
             stop=self._stop,
             observers=observers,
         )
-        self._engine = EngineLoop(engine, settings, sensor=self.sensor)
-        self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._in_engine: set[Job] = set()
-        self._engine_held: list[Job] = []  # refused by a dead engine: re-submitted after backoff
-        self._media_held: list[tuple[int, Record]] = []  # S3 unavailable: prepared again after backoff
-        # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
-        # decoded image posts that do not fit wait here, unfetched, and admission stops (backpressure)
-        self.images = ImageBudget.for_target(settings.media.inflight_image_bytes, settings.target_pixels)
-        self._budget_held: list[tuple[int, Prepared]] = []
         backoff = settings.outage_backoff_s
-        self._engine_outage = Outage("engine", settings.engine_deadline_s, backoff, EngineUnavailable)
-        self._media_outage = Outage("media", settings.media.deadline_s, backoff, MediaOutage)
+        self.window = Window(
+            moderator,
+            EngineLoop(engine, settings, sensor=self.sensor),
+            self.offsets,
+            # Normalised image bytes of every admitted post, from decode to outcome (INFLIGHT_IMAGE_BYTES):
+            # decoded image posts that do not fit wait, unfetched, and admission stops (backpressure)
+            ImageBudget.for_target(settings.media.inflight_image_bytes, settings.target_pixels),
+            engine_outage=Outage("engine", settings.engine_deadline_s, backoff, EngineUnavailable),
+            media_outage=Outage("media", settings.media.deadline_s, backoff, MediaOutage),
+            sensor=self.sensor,
+            on_readiness=self._update_ready,
+        )
         self._paused = False
         self._full_since: float | None = None
         self._closing = False
@@ -184,9 +182,13 @@ class KafkaWorker:
         return self.checkpoint.transactional
 
     @property
+    def images(self) -> ImageBudget:
+        return self.window.images
+
+    @property
     def waiting_for_image_budget(self) -> int:
         """Decoded image posts waiting, unfetched, for room in the image budget (admission is stopped)."""
-        return len(self._budget_held)
+        return self.window.waiting_for_image_budget
 
     # ------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -209,9 +211,9 @@ class KafkaWorker:
 
     def readiness(self) -> tuple[bool, str]:
         """Ready: partitions assigned and engine and S3 available; else False and why (``/readyz``)."""
-        if self._engine_outage.is_down:
+        if self.window.engine_outage.is_down:
             return False, "engine unavailable"
-        if self._media_outage.is_down:
+        if self.window.media_outage.is_down:
             return False, "media (S3) unavailable"
         if not self.offsets.parts:
             return False, "idle: no partitions assigned"
@@ -234,7 +236,9 @@ class KafkaWorker:
 
     def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in parts}
-        log.info("partitions_revoked", partitions=sorted(p for _t, p in lost), in_engine=len(self._in_engine))
+        log.info(
+            "partitions_revoked", partitions=sorted(p for _t, p in lost), in_engine=len(self.window.in_engine)
+        )
         self._event("revoking", partitions=lost)
         if self._closing:  # shutdown already committed what it could; an error path must commit nothing
             self._drop(lost)
@@ -255,26 +259,18 @@ class KafkaWorker:
         (bounded) and commit it; if it does not finish in time, abort it and rewind every partition we
         keep to its committed offset (their aborted outputs must be produced again)."""
         self._wait_in_flight(lambda _j: True, self.s.revoke_timeout_s)
-        if not self._in_engine:
+        if not self.window.in_engine:
             self.checkpoint.commit_transaction()
             return
-        log.warning("revoke_timeout_aborting_transaction", in_engine=len(self._in_engine))
+        log.warning("revoke_timeout_aborting_transaction", in_engine=len(self.window.in_engine))
         self.checkpoint.abort_transaction()
         kept = [tp for tp in self.offsets.parts if tp not in lost]
         self._drop(set(self.offsets.parts))
         self._rewind(kept)
 
     def _drop(self, tps: set[TP]) -> None:
-        """Forget partitions: cancel their requests (a late completion is fenced by epoch anyway)."""
-        for job in [j for j in self._in_engine if j.tp in tps]:
-            if job.future is not None:
-                job.future.cancel()
-        for job in self._engine_held:
-            if job.tp in tps:
-                job.release_images()
-        self._engine_held = [j for j in self._engine_held if j.tp not in tps]
-        self._media_held = [(e, r) for e, r in self._media_held if tp_of(r) not in tps]
-        self._budget_held = [(e, p) for e, p in self._budget_held if tp_of(p.record) not in tps]
+        """Forget partitions: their requests are cancelled, what they held is let go."""
+        self.window.drop(tps)
         self.offsets.revoke(tps)
 
     def _rewind(self, tps: list[TP]) -> None:
@@ -330,23 +326,26 @@ class KafkaWorker:
 
     def _step(self) -> bool:
         """One turn of the loop; True when records were consumed or outcomes published."""
+        w = self.window
         progressed = self._collect_done(0.0) > 0
         self.publisher.poll(0)
-        self._retry_outages()
-        self._retry_budget_held()
-        self.checkpoint.maybe_commit(in_flight=bool(self._in_engine))
-        room = self.max_in_flight - len(self._in_engine)
+        self._publish_jobs(w.retry_outages())
+        if not (self.checkpoint.draining or self._stop.is_set()):  # an exactly-once drain, a shutdown
+            self._publish_jobs(w.admit_waiting())
+        w.report()
+        self.checkpoint.maybe_commit(in_flight=bool(w.in_engine))
+        room = self.max_in_flight - len(w.in_engine)
         if room > 0 and self._admitting():
             self._set_full(False)
             # A short wait when requests are in flight (their completions must not wait behind consume);
             # librdkafka returns as soon as ``room`` records are there.
-            wait = 0.0 if not self._done.empty() else (0.005 if self._in_engine else 0.05)
+            wait = 0.0 if w.completions_waiting else (0.005 if w.in_engine else 0.05)
             msgs = self.consumer.consume(min(room, 500), wait)
             if msgs:
                 progressed |= self._admit(msgs)
         else:
             # an outage lasts: pause at once; a full window or an exactly-once drain: after PAUSE_AFTER_S
-            self._set_full(True, at_once=self._engine_outage.is_down or self._media_outage.is_down)
+            self._set_full(True, at_once=w.outage)
             # wait for a completion; while paused, keep serving the consumer (membership, rebalances)
             progressed |= self._collect_done(0.05) > 0
             if self._paused:
@@ -359,9 +358,7 @@ class KafkaWorker:
         return not (
             self._stop.is_set()
             or self.checkpoint.draining  # exactly-once: nothing new until the transaction is committed
-            or bool(self._budget_held)  # image posts wait for the image budget: take nothing more
-            or self._engine_outage.is_down
-            or self._media_outage.is_down
+            or not self.window.admitting  # an outage, or image posts waiting for the image budget
         )
 
     def _set_full(self, full: bool, at_once: bool = False) -> None:
@@ -380,12 +377,14 @@ class KafkaWorker:
             self.consumer.pause(parts)
             self._paused = True
             self.sensor.on_paused(len(parts))
-            log.info("window_full_partitions_paused", partitions=len(parts), in_engine=len(self._in_engine))
-            self._event("paused", in_engine=len(self._in_engine))
+            log.info(
+                "window_full_partitions_paused", partitions=len(parts), in_engine=len(self.window.in_engine)
+            )
+            self._event("paused", in_engine=len(self.window.in_engine))
 
     def _quiet(self) -> bool:
         """Nothing in flight, nothing held, every output acknowledged and committed."""
-        if self._in_engine or self._engine_held or self._media_held or self._budget_held:
+        if not self.window.quiet():
             return False
         if not self.offsets.all_complete():
             self.publisher.poll(0.01)  # acks still coming
@@ -404,7 +403,8 @@ class KafkaWorker:
             if epoch is not None:  # None: consumed for a partition revoked meanwhile (re-delivered)
                 entered.append((epoch, r))
         if entered:
-            self._dispatch(entered)
+            self._publish_jobs(self.window.admit(entered))
+            self.window.report()
         return bool(entered)
 
     def _to_record(self, m: Message) -> Record | None:
@@ -423,161 +423,17 @@ class KafkaWorker:
         self._until.ends.saw_record((topic, partition), offset)
         return Record(topic, partition, offset, m.key(), m.value(), ts if ts_type else None)
 
-    def _dispatch(self, entered: list[tuple[int, Record]]) -> None:
-        """Decode records; admit the image posts the image budget has room for (the rest wait, unfetched,
-        in ``_budget_held``); prepare the admitted (fetch, hash, cache): misses go to the engine, the rest
-        publish now."""
-        decoded = self.moderator.decode([r for _e, r in entered])
-        self._route([(epoch, p) for (epoch, _r), p in zip(entered, decoded, strict=True)])
-
-    def _route(self, decoded: list[tuple[int, Prepared]]) -> None:
-        go: list[tuple[int, Prepared]] = []
-        reserved = 0
-        for epoch, p in decoded:
-            refs = p.image_refs
-            if refs:
-                need = self.images.worst_case(refs)
-                # FIFO: no image post overtakes one already waiting (a large post is never starved);
-                # text-only posts and dead letters of this batch go on
-                if self._budget_held or not self.images.try_reserve(need):
-                    self._budget_held.append((epoch, p))
-                    continue
-                reserved += need
-            go.append((epoch, p))
-        if not go:
-            return
-        try:
-            prepared = self.moderator.complete([p for _e, p in go])
-        except BaseException:
-            self.images.settle(reserved, [])  # nothing of the batch is kept
-            raise
-        # the worst case reserved becomes the bytes actually decoded, one lease per post
-        leases = self.images.settle(reserved, [p.item.images if p.item else () for p in prepared])
-        now_ready: list[Job] = []
-        unavailable: list[tuple[int, Record]] = []
-        for (epoch, p), lease in zip(go, leases, strict=True):
-            if p.unavailable is not None:
-                if lease is not None:
-                    lease.release()
-                unavailable.append((epoch, p.record))
-                continue
-            job = Job(p, epoch, lease=lease)
-            if p.needs_engine:
-                self._submit(job)
-            else:
-                now_ready.append(job)
-        if unavailable:
-            self._media_held.extend(unavailable)
-            self._media_outage.down(time.monotonic(), prepared[0].unavailable or "S3 unavailable")
-            self._update_ready()
-        elif self._media_outage.is_down and any(p.item and p.item.images for p in prepared):
-            self._media_outage.up(time.monotonic())
-            self._update_ready()
-        if now_ready:
-            self._publish_jobs(now_ready)
-        self._set_in_flight_metric()
-
-    def _retry_budget_held(self) -> None:
-        """Admit the image posts that waited for the image budget, as far as it has room now."""
-        held = self._budget_held
-        if not held or self.checkpoint.draining or self._stop.is_set():  # an exactly-once drain, a shutdown
-            return
-        if self._engine_outage.is_down or self._media_outage.is_down:
-            return
-        if not self.images.fits(self.images.worst_case(held[0][1].image_refs)):
-            return
-        self._budget_held = []
-        self._route([(e, p) for e, p in held if self.offsets.current(tp_of(p.record), e)])
-
-    def _set_in_flight_metric(self) -> None:
-        self.sensor.on_in_flight(
-            len(self._in_engine) + len(self._engine_held) + len(self._media_held) + len(self._budget_held)
-        )
-        self.sensor.on_image_budget(self.images.used, self.images.capacity, len(self._budget_held))
-
-    # ------------------------------------------------------------ engine requests
-    def _submit(self, job: Job) -> None:
-        assert job.prepared.item is not None
-        fut = self._engine.submit(self._engine.judge(job.prepared.item))
-        job.future = fut
-        self._in_engine.add(job)
-        fut.add_done_callback(lambda _f, job=job: self._done.put(job))  # type: ignore[misc]
-
     def _collect_done(self, block_s: float) -> int:
-        """Take finished requests off the queue (waiting up to ``block_s`` for the first) and publish them."""
-        jobs: list[Job] = []
-        try:
-            jobs.append(self._done.get(timeout=block_s) if block_s > 0 else self._done.get_nowait())
-            while True:
-                jobs.append(self._done.get_nowait())
-        except queue.Empty:
-            pass
-        if not jobs:
-            return 0
-        finished: list[Job] = []
-        now = time.monotonic()
-        for job in jobs:
-            self._in_engine.discard(job)
-            if not self.offsets.current(job.tp, job.epoch):
-                job.release_images()
-                continue  # revoked meanwhile: not ours to publish
-            assert job.future is not None
-            try:
-                res = job.future.result()
-            except CancelledError:
-                job.release_images()
-                continue
-            except EngineDeadError as exc:
-                self._engine_held.append(job)
-                self._engine_outage.down(now, repr(exc))
-                self._update_ready()
-                continue
-            except Exception as exc:  # a bug in the request policy: this post's dead letter, not a crash
-                log.error(
-                    "engine_request_crashed",
-                    post_id=job.prepared.item and job.prepared.item.post_id,
-                    exc_info=exc,
-                )
-                job.prepared.error = (ErrorCode.INTERNAL_ERROR, type(exc).__name__, repr(exc)[:1000])
-                finished.append(job)
-                continue
-            if isinstance(res, Verdict):
-                job.prepared.verdict = res
-                if self._engine_outage.is_down:
-                    self._engine_outage.up(now)
-                    self._update_ready()
-            else:
-                job.prepared.error = res
-            finished.append(job)
-        if finished:
-            self._publish_jobs(finished)
-        self._set_in_flight_metric()
+        """Publish the engine requests that finished (waiting up to ``block_s`` for the first)."""
+        finished = self.window.collect(block_s)
+        self._publish_jobs(finished)
+        self.window.report()
         return len(finished)
-
-    def _retry_outages(self) -> None:
-        now = time.monotonic()
-        self._engine_outage.raise_if_overdue(now)
-        self._media_outage.raise_if_overdue(now)
-        if self._engine_held and self._engine_outage.due(now):
-            held, self._engine_held = self._engine_held, []
-            for job in held:  # the engine decides whether it is back: the posts themselves are the probe
-                self._submit(job)
-            self._engine_outage.retried(now)
-        if self._media_held and self._media_outage.due(now):
-            held_media, self._media_held = self._media_held, []
-            self._media_outage.retried(now)
-            live = [(e, r) for e, r in held_media if self.offsets.current(tp_of(r), e)]
-            if live:
-                self._dispatch(live)
-            if not self._media_held:
-                self._media_outage.up(now)
-                self._update_ready()
-        if not self._engine_held and not self._in_engine and self._engine_outage.is_down:
-            self._engine_outage.up(now)  # nothing left that failed: admit again
-            self._update_ready()
 
     # ------------------------------------------------------------ publish
     def _publish_jobs(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
         try:
             outcomes = self.moderator.finish([j.prepared for j in jobs])
         finally:
@@ -605,10 +461,12 @@ class KafkaWorker:
     def _wait_in_flight(self, which: Callable[[Job], bool], timeout_s: float) -> None:
         """Publish completions until no matching request is in the engine, or ``timeout_s`` passed."""
         deadline = time.monotonic() + timeout_s
-        while any(which(j) for j in self._in_engine):
+        while any(which(j) for j in self.window.in_engine):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("in_flight_wait_timed_out", left=sum(1 for j in self._in_engine if which(j)))
+                log.warning(
+                    "in_flight_wait_timed_out", left=sum(1 for j in self.window.in_engine if which(j))
+                )
                 return
             self._collect_done(min(left, 0.05))
             self.publisher.poll(0)
@@ -619,7 +477,7 @@ class KafkaWorker:
         self._stop.set()
         self._wait_in_flight(lambda _j: True, self.s.shutdown_timeout_s)
         if self.transactional:
-            if self._in_engine:
+            if self.window.in_engine:
                 self.checkpoint.abort_transaction()
             else:
                 self.checkpoint.commit_transaction()
@@ -631,11 +489,7 @@ class KafkaWorker:
     def close(self) -> None:
         self._closing = True
         self.stats.commits = self.checkpoint.commits
-        self._engine.close(self.s.shutdown_timeout_s)
-        # what shutdown left in the engine (abandoned, uncommitted) gives its images back
-        for job in [*self._in_engine, *self._engine_held]:
-            job.release_images()
-        self._budget_held.clear()
+        self.window.close(self.s.shutdown_timeout_s)
         try:
             self.consumer.close()
         finally:
