@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -31,9 +30,10 @@ from PIL import Image
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
+from tests.support import revoke_with_requests_in_flight, run_in_thread
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
-from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
+from workers.kafka.worker import EngineUnavailable, MediaOutage
 from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.observability.sensors import RecordingSensor
 from workers.settings import Settings
@@ -70,18 +70,6 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)  # polling an external condition (the broker), not standing in for a signal
-
-
-def run_in_thread(w: KafkaWorker, errors: list[BaseException], **kw: Any) -> threading.Thread:
-    def run() -> None:
-        try:
-            w.run(**kw)
-        except BaseException as exc:  # surfaced by the test
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def feed(s: Settings, n: int, tag: str, keyed: bool = True) -> list[str]:
@@ -172,37 +160,21 @@ def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(
         update={"revoke_timeout_s": 0.5, "cache_enabled": False, "commit_interval_ms": 100, "delivery": mode}
     )
     ids = feed(s, 90, "rv")
-    stuck = FakeStreamingEngine(hold=lambda _pid: True, max_in_flight=128)
-    stuck.enter_at = 30
-    revoked = threading.Event()
-    first = build_worker(
+    r = revoke_with_requests_in_flight(
         s.model_copy(update={"transactional_id": f"{s.group_id}-1"}),
-        stuck,
-        on_event=lambda name, _d: revoked.set() if name == "revoked" else None,
+        s.model_copy(update={"transactional_id": f"{s.group_id}-2"}),
+        enter_at=30,
     )
-    second = build_worker(s.model_copy(update={"transactional_id": f"{s.group_id}-2"}), FakeStreamingEngine())
-    errors: list[BaseException] = []
-    t1 = run_in_thread(first, errors, until_drained=True)
-    assert stuck.entered.wait(60), "requests never reached the engine"
-    t2 = run_in_thread(second, errors, until_drained=True)
-    assert revoked.wait(60), "no revoke while requests were in flight"
-    # the cancellations run on the engine's event loop, a moment after the revoke callback returns
-    stuck.cancel_seen.wait(30)
-    dropped = stuck.cancelled
-    stuck.release.set()
-    t1.join(120)
-    t2.join(120)
-    assert not t1.is_alive() and not t2.is_alive() and not errors, errors
     counts = Counter(v["post_id"] for v in outputs(s))
     lost, duplicated = set(ids) - set(counts), sum(c - 1 for c in counts.values())
     print(
-        f"revoke-in-flight[{mode}]: posts={len(ids)} dropped_at_revoke={dropped} "
-        f"first={first.stats.consumed} second={second.stats.consumed} "
+        f"revoke-in-flight[{mode}]: posts={len(ids)} dropped_at_revoke={r.dropped} "
+        f"first={r.first.stats.consumed} second={r.second.stats.consumed} "
         f"lost={len(lost)} duplicated={duplicated}"
     )
-    assert dropped > 0, "the revoke did not drop the requests still in the engine"
+    assert r.dropped > 0, "the revoke did not drop the requests still in the engine"
     assert not lost and duplicated == 0
-    assert second.stats.consumed > 0
+    assert r.second.stats.consumed > 0
 
 
 # ------------------------------------------------------------------ kill -9 with requests in flight
