@@ -11,7 +11,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from PIL import Image
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
-from tests.support import revoke_with_requests_in_flight, run_in_thread
+from tests.support import revoke_with_requests_in_flight, run_in_thread, subprocess_env
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.kafka.worker import EngineUnavailable, MediaOutage
@@ -202,21 +201,13 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(kafka_settings: Settings, 
     n = 1200
     ids = feed(kafka_settings, n, "k")
     port = free_port()
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
-        "GUARDSTREAM_CACHE_ENABLED": "false",
-        "GUARDSTREAM_COMMIT_INTERVAL_MS": "200",
-        "GUARDSTREAM_METRICS_PORT": str(port),
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(
+        kafka_settings,
+        GUARDSTREAM_CACHE_ENABLED="false",
+        GUARDSTREAM_COMMIT_INTERVAL_MS="200",
+        GUARDSTREAM_METRICS_PORT=str(port),
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
     log_path = tmp_path / "worker.log"
     in_flight_at_kill = 0.0
     with log_path.open("wb") as log_file:
