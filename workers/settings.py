@@ -398,8 +398,8 @@ def settings_environ(s: Settings, *, only: Iterable[str] | None = None) -> dict[
 
     Text: bools ``true``/``false``, enums by value, dicts (``KAFKA_EXTRA``) as JSON, ``ALLOWED_BUCKETS`` as
     ``a,b`` (JSON where a name would not survive the split), unset as ``""`` where that reads as unset
-    (``EMPTY_IS_NONE``); an unset value of any other optional setting is left out (``""`` would not parse;
-    left out, it is unset only where that is its default)."""
+    (``EMPTY_IS_NONE``). An unset value of another optional setting is left out, as ``""`` would not
+    parse: each of those is unset by default (a unit test holds them to it)."""
     fields = type(s).model_fields
     names = list(fields) if only is None else list(only)
     if unknown := [n for n in names if n not in fields]:
