@@ -6,9 +6,9 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import (
@@ -229,6 +229,20 @@ else:
     _Variables = create_model("_Variables", __base__=BaseSettings, **_variable_fields())
 
 
+ENV_PREFIX = "GUARDSTREAM_"  # every setting's variable: GUARDSTREAM_<NAME>
+# List settings whose variable is "a,b" (or a JSON list): ``Settings._split_csv``
+CSV_SETTINGS = ("allowed_buckets",)
+# Optional settings whose variable reads an empty value as unset: ``Settings._empty_is_none``
+EMPTY_IS_NONE = (
+    "s3_endpoint_url",
+    "transactional_id",
+    "taxonomy_path",
+    "vllm_model_revision",
+    "vllm_server_api_key",
+    "metrics_port",
+)
+
+
 def variable(s: Settings, name: str) -> Any:
     """The value of the generated variable ``name`` (typed code reads ``engine_config`` or the group)."""
     return getattr(s, name)
@@ -259,7 +273,7 @@ def engine_config_of(s: Settings) -> EngineConfig:
 
 
 class Settings(_Variables):
-    model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
     _engine_config: EngineConfig | None = PrivateAttr(None)
     _kafka: KafkaSettings | None = PrivateAttr(None)
     _media: MediaSettings | None = PrivateAttr(None)
@@ -358,7 +372,7 @@ class Settings(_Variables):
         copied = super().model_copy(update=update, deep=deep)
         return copied._groups_from_variables() if update else copied
 
-    @field_validator("allowed_buckets", mode="before")
+    @field_validator(*CSV_SETTINGS, mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip().startswith("["):
@@ -369,18 +383,63 @@ class Settings(_Variables):
 
     # Deployment manifests write "unset" as an empty string (the k8s ConfigMap's S3_ENDPOINT_URL: "" means
     # AWS S3 itself); for optional settings that is None, not an empty URL/path/number that fails later.
-    @field_validator(
-        "s3_endpoint_url",
-        "transactional_id",
-        "taxonomy_path",
-        "vllm_model_revision",
-        "vllm_server_api_key",
-        "metrics_port",
-        mode="before",
-    )
+    @field_validator(*EMPTY_IS_NONE, mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
+
+
+def settings_environ(s: Settings, *, only: Iterable[str] | None = None) -> dict[str, str]:
+    """``GUARDSTREAM_<NAME>`` -> value text for each setting of ``s`` (of its class: ``ConsoleSettings``
+    has more) that is not its default, or for each setting named in ``only``, written so that the class
+    read from that environment holds the same values: how a parent process hands its settings to a child
+    (``guardstream demo``'s alerts app, a supervisor, a test's subprocess). A setting left out is read as
+    its default, so the child's environment must hold no other ``GUARDSTREAM_*`` (``child_environ``).
+
+    Text: bools ``true``/``false``, enums by value, dicts (``KAFKA_EXTRA``) as JSON, ``ALLOWED_BUCKETS`` as
+    ``a,b`` (JSON where a name would not survive the split), unset as ``""`` where that reads as unset
+    (``EMPTY_IS_NONE``). An unset value of another optional setting is left out, as ``""`` would not
+    parse: each of those is unset by default (a unit test holds them to it)."""
+    fields = type(s).model_fields
+    names = list(fields) if only is None else list(only)
+    if unknown := [n for n in names if n not in fields]:
+        raise ValueError(f"not settings of {type(s).__name__}: {', '.join(unknown)}")
+    out: dict[str, str] = {}
+    for name in names:
+        value = getattr(s, name)
+        if only is None and value == fields[name].get_default(call_default_factory=True):
+            continue
+        if value is None and name not in EMPTY_IS_NONE:
+            continue
+        out[f"{ENV_PREFIX}{name.upper()}"] = _environ_text(name, value)
+    return out
+
+
+def child_environ(s: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that is to run with ``s``: ``environ`` (default: this
+    process's) without any ``GUARDSTREAM_*`` variable, plus ``settings_environ(s)``."""
+    env = os.environ if environ is None else environ
+    return {**{k: v for k, v in env.items() if not k.startswith(ENV_PREFIX)}, **settings_environ(s)}
+
+
+def _environ_text(name: str, value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, list) and name in CSV_SETTINGS:
+        csv = ",".join(str(v) for v in value)
+        try:
+            if Settings._split_csv(csv) == value:
+                return csv
+        except ValueError:  # "[a" read as JSON
+            pass
+        return json.dumps(value)
+    if isinstance(value, dict | list):  # pydantic-settings decodes a complex setting's variable as JSON
+        return json.dumps(value)
+    return str(value)
 
 
 def describe_settings_error(exc: SettingsError, environ: Mapping[str, str] | None = None) -> str:

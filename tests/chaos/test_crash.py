@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import re
 import signal
@@ -25,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from guard.engines.cpu.engine import CpuEngine
 from tests.conftest import Services
+from tests.support import subprocess_env
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_topic
 from workers.settings import Settings
@@ -34,23 +34,15 @@ pytestmark = pytest.mark.integration
 
 
 def worker_env(s: Settings, mode: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": s.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": s.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": s.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": s.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": s.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": s.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": s.s3_endpoint_url or "",
-        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
-        "GUARDSTREAM_MAX_BATCH_SIZE": "8",
-        "GUARDSTREAM_CACHE_ENABLED": "false",
-        "GUARDSTREAM_DELIVERY": mode,
-        "GUARDSTREAM_TRANSACTIONAL_ID": f"{s.group_id}-crash",
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    return subprocess_env(
+        s,
+        GUARDSTREAM_SESSION_TIMEOUT_MS="6000",
+        GUARDSTREAM_MAX_BATCH_SIZE="8",
+        GUARDSTREAM_CACHE_ENABLED="false",
+        GUARDSTREAM_DELIVERY=mode,
+        GUARDSTREAM_TRANSACTIONAL_ID=f"{s.group_id}-crash",
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
 
 
 def outputs(s: Settings, committed_only: bool = True) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -25,6 +24,7 @@ from schemas.codec import DecodeError, decode_post
 from schemas.events import ErrorCode
 from tests.chaos.test_memory import png16_39mp
 from tests.conftest import BUCKET, Services
+from tests.support import subprocess_env
 from tests.unit.test_fuzz_decoder import seeds
 from workers.cache import ContentKeyer
 from workers.demo.sample_feed import post
@@ -114,22 +114,13 @@ def test_mixed_poison_stream_never_stops_the_worker(kafka_settings: Settings, se
         kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(k.encode(), v) for k, v, _ in feed]
     )
 
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
-        "GUARDSTREAM_ALLOWED_BUCKETS": BUCKET,
-        "GUARDSTREAM_REDIS_URL": services.redis_url,
-        "GUARDSTREAM_ENGINE": "cpu",
-        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
-        "GUARDSTREAM_MAX_BATCH_SIZE": "8",
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(
+        kafka_settings,
+        GUARDSTREAM_ENGINE="cpu",
+        GUARDSTREAM_SESSION_TIMEOUT_MS="6000",
+        GUARDSTREAM_MAX_BATCH_SIZE="8",
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
     run = subprocess.run(
         [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
         env=env,

@@ -4,7 +4,6 @@ the review console queueing every member of an alerted cluster."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from schemas.codec import decode_post
 from schemas.events import AlertEvent, Scores, VerdictEvent
 from tests.conftest import Services
 from tests.integration.test_console import console_settings
+from tests.support import subprocess_env
 from workers.alerts.app import describe, read_clusters
 from workers.alerts.clustering import (
     MAX_RECENT_IDS,
@@ -172,17 +172,13 @@ def alert_settings(kafka_settings: Settings) -> Settings:
 
 
 def start_app(s: Settings) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": s.novel_risk_topic,
-        "GUARDSTREAM_ALERTS_TOPIC": s.alerts_topic,
-        "GUARDSTREAM_ALERTS_APP_ID": s.alerts_app_id,
-        "GUARDSTREAM_ALERT_MIN_COUNT": "20",
-        "GUARDSTREAM_ALERT_MIN_AUTHORS": "5",
-        "GUARDSTREAM_LOG_FORMAT": "json",
-        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
-    }
+    env = subprocess_env(
+        s,
+        GUARDSTREAM_ALERT_MIN_COUNT="20",
+        GUARDSTREAM_ALERT_MIN_AUTHORS="5",
+        GUARDSTREAM_LOG_FORMAT="json",
+        GUARDSTREAM_SESSION_TIMEOUT_MS="6000",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "alerts"],
         env=env,

@@ -17,6 +17,7 @@ import pytest
 import structlog
 import yaml
 
+from tests import support
 from tests.conftest import BUCKET, Services
 from workers.cli import main
 from workers.cli.base import CliError, read_config_file
@@ -29,9 +30,8 @@ CLI = [sys.executable, "-m", "workers.cli"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any GUARDSTREAM_* variable of the developer's shell, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDSTREAM_")}
-    return {**env, "GUARDSTREAM_LOG_FORMAT": "json", **extra}
+    """The environment without any GUARDSTREAM_* variable of the developer's shell, JSON logs, ``extra``."""
+    return support.clean_env(**{"GUARDSTREAM_LOG_FORMAT": "json", **extra})
 
 
 @pytest.fixture(autouse=True)
@@ -277,19 +277,6 @@ def test_list_variables_accept_csv_and_json(value: str, monkeypatch: Any) -> Non
 # ---- item 4: the pieces by hand, on the real broker and S3 server ---------------------------------------
 
 
-def stack_env(s: Settings, **extra: str) -> dict[str, str]:
-    return clean_env(
-        GUARDSTREAM_BOOTSTRAP_SERVERS=s.bootstrap_servers,
-        GUARDSTREAM_POSTS_TOPIC=s.posts_topic,
-        GUARDSTREAM_VERDICTS_TOPIC=s.verdicts_topic,
-        GUARDSTREAM_NOVEL_RISK_TOPIC=s.novel_risk_topic,
-        GUARDSTREAM_DLQ_TOPIC=s.dlq_topic,
-        GUARDSTREAM_S3_ENDPOINT_URL=str(s.s3_endpoint_url),
-        GUARDSTREAM_ALLOWED_BUCKETS=BUCKET,
-        **extra,
-    )
-
-
 def cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
 
@@ -347,7 +334,7 @@ def test_produce_uploads_images_and_tail_follows_the_worker(
     ]
     feed = tmp_path / "posts.jsonl"
     feed.write_text("# hand-written posts\n" + "\n".join(json.dumps(p) for p in posts) + "\n")
-    env = stack_env(kafka_settings)
+    env = support.subprocess_env(kafka_settings, GUARDSTREAM_LOG_FORMAT="json")
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(posts[0]) + "\n{not json\n")

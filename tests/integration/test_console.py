@@ -28,12 +28,13 @@ from schemas.events import (
     WindowCount,
 )
 from tests.conftest import BUCKET, Services
+from tests.support import clean_env, subprocess_env
 from workers.console.app import Console, build_console, create_app
 from workers.console.ingest import Ingester
 from workers.console.settings import ConsoleSettings
 from workers.console.store import Filters, QueueStore, Reason
 from workers.reviews import ReviewError, build_review
-from workers.settings import Settings
+from workers.settings import Settings, settings_environ
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789ab"
@@ -368,15 +369,7 @@ def test_cli_review_refuses_a_post_nothing_knows(
     # queued in the console but not in the topics' tails (say, a post older than --lookback)
     store.upsert(QueueItem(post_id="cli-s", modality="text", reasons=[Reason.ABSTAINED], decided_at=NOW))
     create_topics(cs.bootstrap_servers, {cs.reviews_topic: 1})
-    for key, value in {
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": cs.bootstrap_servers,
-        "GUARDSTREAM_VERDICTS_TOPIC": cs.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": cs.dlq_topic,
-        "GUARDSTREAM_REVIEWS_TOPIC": cs.reviews_topic,
-        "GUARDSTREAM_REDIS_URL": cs.redis_url,
-        "GUARDSTREAM_CONSOLE_PREFIX": cs.console_prefix,
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }.items():
+    for key, value in {**settings_environ(cs), "GUARDSTREAM_LOG_FORMAT": "json"}.items():
         monkeypatch.setenv(key, value)
     review = ["review", "--safe", "--reviewer", "carol"]
 
@@ -546,7 +539,6 @@ def test_settings_validate_tokens_and_band() -> None:
 @pytest.mark.integration
 def test_console_command_serves_on_loopback(cs: ConsoleSettings) -> None:
     """`guardstream console` with no identity configured: a one-time token, printed as a login URL."""
-    import os
     import signal
     import subprocess
     import sys
@@ -556,20 +548,8 @@ def test_console_command_serves_on_loopback(cs: ConsoleSettings) -> None:
     from infra.stack import free_port
 
     port = free_port()
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": cs.bootstrap_servers,
-        "GUARDSTREAM_REDIS_URL": cs.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": cs.s3_endpoint_url or "",
-        "GUARDSTREAM_VERDICTS_TOPIC": cs.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": cs.dlq_topic,
-        "GUARDSTREAM_ALERTS_TOPIC": cs.alerts_topic,
-        "GUARDSTREAM_REVIEWS_TOPIC": cs.reviews_topic,
-        "GUARDSTREAM_CONSOLE_PREFIX": cs.console_prefix,
-        "GUARDSTREAM_CONSOLE_GROUP_ID": cs.console_group_id,
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
-    env.pop("GUARDSTREAM_CONSOLE_TOKENS", None)
+    env = subprocess_env(cs, GUARDSTREAM_LOG_FORMAT="json")
+    env.pop("GUARDSTREAM_CONSOLE_TOKENS", None)  # no identity configured
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "console", "--port", str(port)],
         env=env,
@@ -604,7 +584,6 @@ def test_demo_console_serves_the_queue_and_stops_cleanly(services: Services, tmp
     """`guardstream demo --console`: its own local stack (broker, S3 server; the session's Redis as the
     store), the demo feed moderated, then the console: the login URL on stdout, the queue page behind
     it, and on Ctrl-C a clean exit with nothing left listening (~20 s on the dev machine)."""
-    import os
     import signal
     import socket
     import subprocess
@@ -620,12 +599,11 @@ def test_demo_console_serves_the_queue_and_stops_cleanly(services: Services, tmp
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GUARDSTREAM_")},
-        "GUARDSTREAM_REDIS_URL": services.redis_url,  # ours: the demo empties its console prefix there
-        "GUARDSTREAM_CONSOLE_PORT": str(port),
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = clean_env(
+        GUARDSTREAM_REDIS_URL=services.redis_url,  # ours: the demo empties its console prefix there
+        GUARDSTREAM_CONSOLE_PORT=str(port),
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "demo", "--console"],
         env=env,

@@ -15,12 +15,8 @@ from PIL import Image
 
 from guard.types import ModerationItem, Verdict
 from tests.conftest import BUCKET, Services
-from tests.integration.test_streaming_worker import (
-    one_partition,
-    outputs,
-    run_in_thread,
-    wait_for,
-)
+from tests.integration.test_streaming_worker import one_partition, outputs, wait_for
+from tests.support import revoke_with_requests_in_flight, run_in_thread
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all
 from workers.observability.sensors import RecordingSensor
@@ -156,32 +152,17 @@ def test_a_revoke_and_a_shutdown_with_image_posts_in_flight_give_every_byte_back
         s.posts_topic,
         [(pid, post(pid, "a", f"caption {i}", [refs[i]])) for i, pid in enumerate(ids)],
     )
-    stuck = FakeStreamingEngine(hold=lambda _pid: True, max_in_flight=128)
-    stuck.enter_at = 20
-    revoked = threading.Event()
-    first = build_worker(s, stuck, on_event=lambda n, _d: revoked.set() if n == "revoked" else None)
-    second = build_worker(s, FakeStreamingEngine())
-    errors: list[BaseException] = []
-    t1 = run_in_thread(first, errors, until_drained=True)
-    assert stuck.entered.wait(60), "requests never reached the engine"
-    held_before = first.images.used
-    t2 = run_in_thread(second, errors, until_drained=True)
-    assert revoked.wait(60), "no revoke while image posts were in flight"
-    stuck.cancel_seen.wait(30)
-    dropped = stuck.cancelled
-    stuck.release.set()
-    t1.join(120)
-    t2.join(120)
-    assert not t1.is_alive() and not t2.is_alive() and not errors, errors
+    r = revoke_with_requests_in_flight(s, s, enter_at=20, what="image posts")
     counts = Counter(o["post_id"] for o in outputs(s))
     print(
-        f"revoke with images: held_before={held_before} B dropped={dropped} "
-        f"first={first.stats.consumed} second={second.stats.consumed} lost={len(set(ids) - set(counts))} "
-        f"used_after first={first.images.used} second={second.images.used}"
+        f"revoke with images: held_before={r.images_held} B dropped={r.dropped} "
+        f"first={r.first.stats.consumed} second={r.second.stats.consumed} "
+        f"lost={len(set(ids) - set(counts))} "
+        f"used_after first={r.first.images.used} second={r.second.images.used}"
     )
-    assert held_before > 0 and dropped > 0
+    assert r.images_held > 0 and r.dropped > 0
     assert set(counts) == set(ids)
-    assert first.images.used == 0 and second.images.used == 0, "image bytes leaked across the revoke"
+    assert r.first.images.used == 0 and r.second.images.used == 0, "image bytes leaked across the revoke"
 
     # shutdown with requests that never finish: they are abandoned uncommitted, their bytes given back
     s2 = one_partition(kafka_settings, shutdown_timeout_s=0.2)
@@ -193,6 +174,7 @@ def test_a_revoke_and_a_shutdown_with_image_posts_in_flight_give_every_byte_back
     hung = FakeStreamingEngine(hang=lambda _pid: True)
     hung.enter_at = 5
     w = build_worker(s2, hung)
+    errors: list[BaseException] = []
     t3 = run_in_thread(w, errors)
     assert hung.entered.wait(60)
     assert w.images.used > 0  # settled before the requests were submitted

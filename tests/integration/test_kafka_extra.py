@@ -8,7 +8,6 @@ plaintext when told SSL (the setting never reached its consumer).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from confluent_kafka import KafkaException
 
 from infra.stack import create_topics
 from schemas.events import AuditRecord, DecisionSummary, Modality, VerdictEvent
+from tests.support import subprocess_env
 from workers.console.audits import AuditView
 from workers.console.settings import ConsoleSettings
 from workers.kafka.admin import TopicCreationError
@@ -104,12 +104,7 @@ def test_ssl_setting_reaches_readers_writers_and_admin(kafka_settings: Settings)
 @pytest.mark.integration
 def test_audit_export_cli_honours_kafka_extra(kafka_settings: Settings, tmp_path: Path) -> None:
     _seed(kafka_settings, 4)
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(kafka_settings, GUARDSTREAM_LOG_FORMAT="json")
     ok = tmp_path / "plain.jsonl"
     cmd = [sys.executable, "-m", "workers.cli", "audit-export", "--out"]
     r = subprocess.run([*cmd, str(ok)], env=env, capture_output=True, text=True, timeout=120)

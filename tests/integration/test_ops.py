@@ -28,7 +28,7 @@ from workers.demo.sample_feed import post
 from workers.kafka.config import base_config
 from workers.kafka.topics import produce_all
 from workers.observability.logging import KafkaLogRouter
-from workers.settings import Settings
+from workers.settings import Settings, settings_environ
 from workers.wiring import build_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +48,8 @@ def cli(
 
 
 def settings_env(s: Settings, reviews_topic: str) -> dict[str, str]:
-    return {
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-        "GUARDSTREAM_POSTS_TOPIC": s.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": s.verdicts_topic,
-        "GUARDSTREAM_REVIEWS_TOPIC": reviews_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": s.s3_endpoint_url or "",
-    }
+    only = ("bootstrap_servers", "posts_topic", "verdicts_topic", "s3_endpoint_url")
+    return {**settings_environ(s, only=only), "GUARDSTREAM_REVIEWS_TOPIC": reviews_topic}
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess[str], rc: int, *needles: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from guard.engines.cpu.engine import CpuEngine
 from tests.conftest import Services
+from tests.support import subprocess_env
 from workers.demo.sample_feed import build_feed, post
 from workers.kafka.topics import end_offsets as topic_end_offsets
 from workers.kafka.topics import produce_all, read_records, read_topic
@@ -145,21 +145,13 @@ def test_sigterm_drains_in_flight_work(kafka_settings: Settings, services: Servi
         kafka_settings.posts_topic,
         [(None, post(f"sig-{i}", f"a{i % 7}", f"message number {i} about my weekend")) for i in range(n)],
     )
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
-        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
-        "GUARDSTREAM_MAX_BATCH_SIZE": "4",
-        "GUARDSTREAM_CACHE_ENABLED": "false",
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(
+        kafka_settings,
+        GUARDSTREAM_SESSION_TIMEOUT_MS="6000",
+        GUARDSTREAM_MAX_BATCH_SIZE="4",
+        GUARDSTREAM_CACHE_ENABLED="false",
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker"],
         env=env,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from guard.engines import EngineKind
 from guard.engines.cpu.engine import CpuEngine
 from infra.stack import free_port
 from tests.conftest import Services
+from tests.support import subprocess_env
 from workers.preflight import (
     PreflightError,
     check_broker,
@@ -119,21 +119,13 @@ def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
     )
     server = ChatServer(lambda body: "unused", served_models=["Qwen2.5-VL-7B-Instruct"]).start()
     try:
-        env = {
-            **os.environ,
-            "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-            "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-            "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-            "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-            "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-            "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-            "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
-            "GUARDSTREAM_REDIS_URL": services.redis_url,
-            "GUARDSTREAM_ENGINE": "vllm-server",
-            "GUARDSTREAM_VLLM_SERVER_URL": server.url,
-            "GUARDSTREAM_VLLM_SERVER_MODEL": "ProGuard-7B",
-            "GUARDSTREAM_LOG_FORMAT": "json",
-        }
+        env = subprocess_env(
+            kafka_settings,
+            GUARDSTREAM_ENGINE="vllm-server",
+            GUARDSTREAM_VLLM_SERVER_URL=server.url,
+            GUARDSTREAM_VLLM_SERVER_MODEL="ProGuard-7B",
+            GUARDSTREAM_LOG_FORMAT="json",
+        )
         r = subprocess.run(
             [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],
             env=env,
@@ -160,16 +152,7 @@ def test_worker_refuses_a_server_that_does_not_serve_the_configured_model(
 
 
 def test_check_cli(kafka_settings: Settings, services: Services) -> None:
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": services.s3.endpoint,
-        "GUARDSTREAM_REDIS_URL": services.redis_url,
-    }
+    env = subprocess_env(kafka_settings)
     cmd = [sys.executable, "-m", "workers.cli", "check"]
     ok = subprocess.run([*cmd, "--skip-engine"], env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]

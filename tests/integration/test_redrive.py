@@ -8,7 +8,6 @@ publishes a verdict for it; a second redrive is a no-op (idempotent); other code
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -18,6 +17,7 @@ import pytest
 from guard.engines.cpu.engine import CpuEngine
 from guard.samples import drawn_image, png_bytes
 from tests.conftest import BUCKET, Services
+from tests.support import subprocess_env
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
 from workers.redrive import HEADER_OF, HEADER_SOURCE, ledger_topic, redrive
@@ -110,12 +110,7 @@ def test_redrive_after_the_object_is_restored(
 
 
 def test_redrive_cli_dry_run_and_unknown_codes(kafka_settings: Settings) -> None:
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-    }
+    env = subprocess_env(kafka_settings)
     cmd = [sys.executable, "-m", "workers.cli", "redrive"]
     bad = subprocess.run(
         [*cmd, "--code", "no_such_code"], env=env, capture_output=True, text=True, timeout=60

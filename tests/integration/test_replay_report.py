@@ -4,7 +4,6 @@ runs; a self-contained, escaped HTML report; a progress total; Ctrl-C prints how
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from guard.taxonomy import Taxonomy
 from infra.stack import create_topics
 from schemas.events import AuditRecord, DecisionSummary
 from tests.conftest import Services
+from tests.support import subprocess_env
 from workers.audit.replay import Replayer, ReplayReport
 from workers.audit.replay_report import (
     ReportContext,
@@ -185,16 +185,7 @@ def test_ctrl_c_prints_how_to_resume_and_the_resumed_run_completes(
     )
     audit = kafka_settings.posts_topic + "-audit"
     create_topics(kafka_settings.bootstrap_servers, {audit: 1})
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
-        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(kafka_settings, GUARDSTREAM_LOG_FORMAT="json")
     report = tmp_path / "ctrl-c.md"
     argv = [sys.executable, "-m", "workers.cli", "replay", "--replay-id", "ctrlc", "--audit-topic", audit]
     argv += ["--no-cache", "--max-batch-size", "1", "--report", str(report)]

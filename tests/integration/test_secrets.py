@@ -18,6 +18,7 @@ import redis
 import structlog
 
 from infra.stack import RedisServer, free_port
+from tests.support import subprocess_env
 from workers.observability.logging import configure_logging
 from workers.secrets import mask_url, mask_urls_in
 from workers.settings import Settings
@@ -143,21 +144,13 @@ def test_vllm_server_url_credentials_never_reach_a_topic_or_a_log(
     ]
     produce_all(kafka_settings.bootstrap_servers, kafka_settings.posts_topic, [(None, p) for p in feed])
     url = server.url.replace("http://", f"http://svc:{PLANTED}@")
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_S3_ENDPOINT_URL": str(kafka_settings.s3_endpoint_url),
-        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
-        "GUARDSTREAM_ENGINE": "vllm-server",
-        "GUARDSTREAM_VLLM_SERVER_URL": url,
-        "GUARDSTREAM_LOG_FORMAT": "json",
-        "GUARDSTREAM_LOG_LEVEL": "DEBUG",
-    }
+    env = subprocess_env(
+        kafka_settings,
+        GUARDSTREAM_ENGINE="vllm-server",
+        GUARDSTREAM_VLLM_SERVER_URL=url,
+        GUARDSTREAM_LOG_FORMAT="json",
+        GUARDSTREAM_LOG_LEVEL="DEBUG",
+    )
     try:
         run = subprocess.run(
             [sys.executable, "-m", "workers.cli", "worker", "--until-drained"],

@@ -11,11 +11,9 @@ import base64
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -31,9 +29,10 @@ from PIL import Image
 from infra.stack import create_topics, free_port
 from schemas.events import ErrorCode, ImageRef
 from tests.conftest import BUCKET, Services
+from tests.support import revoke_with_requests_in_flight, run_in_thread, subprocess_env
 from workers.demo.sample_feed import post
 from workers.kafka.topics import produce_all, read_records, read_topic
-from workers.kafka.worker import EngineUnavailable, KafkaWorker, MediaOutage
+from workers.kafka.worker import EngineUnavailable, MediaOutage
 from workers.media import FetchedImage, ImageFetcher, MediaError, MediaUnavailable
 from workers.observability.sensors import RecordingSensor
 from workers.settings import Settings
@@ -70,18 +69,6 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)  # polling an external condition (the broker), not standing in for a signal
-
-
-def run_in_thread(w: KafkaWorker, errors: list[BaseException], **kw: Any) -> threading.Thread:
-    def run() -> None:
-        try:
-            w.run(**kw)
-        except BaseException as exc:  # surfaced by the test
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def feed(s: Settings, n: int, tag: str, keyed: bool = True) -> list[str]:
@@ -172,37 +159,21 @@ def test_revoke_while_requests_are_in_flight_drops_them_uncommitted(
         update={"revoke_timeout_s": 0.5, "cache_enabled": False, "commit_interval_ms": 100, "delivery": mode}
     )
     ids = feed(s, 90, "rv")
-    stuck = FakeStreamingEngine(hold=lambda _pid: True, max_in_flight=128)
-    stuck.enter_at = 30
-    revoked = threading.Event()
-    first = build_worker(
+    r = revoke_with_requests_in_flight(
         s.model_copy(update={"transactional_id": f"{s.group_id}-1"}),
-        stuck,
-        on_event=lambda name, _d: revoked.set() if name == "revoked" else None,
+        s.model_copy(update={"transactional_id": f"{s.group_id}-2"}),
+        enter_at=30,
     )
-    second = build_worker(s.model_copy(update={"transactional_id": f"{s.group_id}-2"}), FakeStreamingEngine())
-    errors: list[BaseException] = []
-    t1 = run_in_thread(first, errors, until_drained=True)
-    assert stuck.entered.wait(60), "requests never reached the engine"
-    t2 = run_in_thread(second, errors, until_drained=True)
-    assert revoked.wait(60), "no revoke while requests were in flight"
-    # the cancellations run on the engine's event loop, a moment after the revoke callback returns
-    stuck.cancel_seen.wait(30)
-    dropped = stuck.cancelled
-    stuck.release.set()
-    t1.join(120)
-    t2.join(120)
-    assert not t1.is_alive() and not t2.is_alive() and not errors, errors
     counts = Counter(v["post_id"] for v in outputs(s))
     lost, duplicated = set(ids) - set(counts), sum(c - 1 for c in counts.values())
     print(
-        f"revoke-in-flight[{mode}]: posts={len(ids)} dropped_at_revoke={dropped} "
-        f"first={first.stats.consumed} second={second.stats.consumed} "
+        f"revoke-in-flight[{mode}]: posts={len(ids)} dropped_at_revoke={r.dropped} "
+        f"first={r.first.stats.consumed} second={r.second.stats.consumed} "
         f"lost={len(lost)} duplicated={duplicated}"
     )
-    assert dropped > 0, "the revoke did not drop the requests still in the engine"
+    assert r.dropped > 0, "the revoke did not drop the requests still in the engine"
     assert not lost and duplicated == 0
-    assert second.stats.consumed > 0
+    assert r.second.stats.consumed > 0
 
 
 # ------------------------------------------------------------------ kill -9 with requests in flight
@@ -230,21 +201,13 @@ def test_kill_9_with_hundreds_in_flight_loses_nothing(kafka_settings: Settings, 
     n = 1200
     ids = feed(kafka_settings, n, "k")
     port = free_port()
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "GUARDSTREAM_GROUP_ID": kafka_settings.group_id,
-        "GUARDSTREAM_POSTS_TOPIC": kafka_settings.posts_topic,
-        "GUARDSTREAM_VERDICTS_TOPIC": kafka_settings.verdicts_topic,
-        "GUARDSTREAM_DLQ_TOPIC": kafka_settings.dlq_topic,
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": kafka_settings.novel_risk_topic,
-        "GUARDSTREAM_REDIS_URL": kafka_settings.redis_url,
-        "GUARDSTREAM_S3_ENDPOINT_URL": kafka_settings.s3_endpoint_url or "",
-        "GUARDSTREAM_CACHE_ENABLED": "false",
-        "GUARDSTREAM_COMMIT_INTERVAL_MS": "200",
-        "GUARDSTREAM_METRICS_PORT": str(port),
-        "GUARDSTREAM_LOG_FORMAT": "json",
-    }
+    env = subprocess_env(
+        kafka_settings,
+        GUARDSTREAM_CACHE_ENABLED="false",
+        GUARDSTREAM_COMMIT_INTERVAL_MS="200",
+        GUARDSTREAM_METRICS_PORT=str(port),
+        GUARDSTREAM_LOG_FORMAT="json",
+    )
     log_path = tmp_path / "worker.log"
     in_flight_at_kill = 0.0
     with log_path.open("wb") as log_file:

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import os
 import re
+import types
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
+import annotated_types
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import NoDecode
 
 from workers.alerts.clustering import ClusterConfig
 from workers.cli.base import _default_text, describe_validation, env_name, read_config_file, unknown_variables
+from workers.console.settings import ConsoleSettings
 from workers.kafka.config import consumer_config, producer_config
 from workers.settings import (
+    EMPTY_IS_NONE,
     GROUP_VARIABLES,
     GROUPS,
     AlertSettings,
@@ -23,6 +32,8 @@ from workers.settings import (
     KafkaSettings,
     MediaSettings,
     Settings,
+    child_environ,
+    settings_environ,
 )
 
 
@@ -233,3 +244,133 @@ def test_a_bad_entry_of_a_dict_valued_variable_names_the_entry(monkeypatch: pyte
     assert line.startswith("--kafka-extra / GUARDSTREAM_KAFKA_EXTRA['linger.ms']=5: "), line
     _s, result = preflight.load_settings()
     assert result.detail.startswith("GUARDSTREAM_KAFKA_EXTRA['linger.ms']=5: "), result.detail
+
+
+# ---- settings_environ: a parent's settings as its child's environment ------------------------------------
+# text an environment can hold (no NUL, no lone surrogate)
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+
+
+def _value_of(name: str, info: FieldInfo) -> st.SearchStrategy[Any]:
+    """Valid values of the setting: its type within its bounds (what a flag or a settings file gives)."""
+    annotation, bounds = info.annotation, {type(m): m for m in info.metadata}
+    optional = isinstance(annotation, types.UnionType) and type(None) in annotation.__args__
+    if optional:
+        (annotation,) = [a for a in annotation.__args__ if a is not type(None)]
+    ge, gt = bounds.get(annotated_types.Ge), bounds.get(annotated_types.Gt)
+    le = bounds.get(annotated_types.Le)
+    low = ge.ge if ge else gt.gt if gt else None
+    high = le.le if le else None
+    strategy: st.SearchStrategy[Any]
+    if annotation is bool:
+        strategy = st.booleans()
+    elif annotation is int:
+        strategy = st.integers(int(low) + (gt is not None) if low is not None else None, high)
+    elif annotation is float:
+        strategy = st.floats(low, high, exclude_min=gt is not None, allow_nan=False, allow_infinity=False)
+    elif isinstance(annotation, type) and issubclass(annotation, Enum):
+        strategy = st.sampled_from(list(annotation))
+    elif annotation in (str, Path):  # a path as the text a flag or a variable gives
+        patterns = [m.pattern for m in info.metadata if getattr(m, "pattern", None)]
+        strategy = st.from_regex(patterns[0], fullmatch=True) if patterns else _TEXT
+    elif annotation == dict[str, str]:
+        strategy = st.dictionaries(_TEXT, _TEXT, max_size=3)
+    elif annotation == list[str]:
+        strategy = st.lists(_TEXT, max_size=3)
+    else:
+        raise AssertionError(f"{name}: no values drawn for {annotation}")
+    return st.none() | strategy if optional else strategy
+
+
+_OVERRIDES = st.fixed_dictionaries(
+    {}, optional={name: _value_of(name, info) for name, info in Settings.model_fields.items()}
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: a failure reproduces
+    # the autouse clean_env runs once per test, not per example: each example clears GUARDSTREAM_* itself
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(_OVERRIDES)
+def test_settings_environ_reads_back_as_the_same_settings(overrides: dict[str, Any]) -> None:
+    s = Settings(**overrides)
+    env = settings_environ(s)
+    assert all(k.startswith("GUARDSTREAM_") for k in env)
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("GUARDSTREAM_")]:
+            mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        assert Settings().model_dump() == s.model_dump(), env
+
+
+def test_settings_environ_writes_what_differs_in_the_variables_own_form() -> None:
+    assert settings_environ(Settings()) == {}
+    s = Settings(
+        bootstrap_servers="k:1",
+        delivery="exactly-once",
+        kafka_extra={"security.protocol": "SSL"},
+        allowed_buckets=["a", "b"],
+        cache_enabled=False,
+        s3_endpoint_url=None,
+        engine="vllm-server",
+        max_batch_size=32,  # the default: left out
+    )
+    assert settings_environ(s) == {
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": "k:1",
+        "GUARDSTREAM_DELIVERY": "exactly-once",
+        "GUARDSTREAM_KAFKA_EXTRA": '{"security.protocol": "SSL"}',
+        "GUARDSTREAM_ALLOWED_BUCKETS": "a,b",
+        "GUARDSTREAM_CACHE_ENABLED": "false",
+        "GUARDSTREAM_S3_ENDPOINT_URL": "",  # unset: AWS S3 itself
+        "GUARDSTREAM_ENGINE": "vllm-server",
+    }
+    # a bucket name the comma split would not give back: JSON
+    assert settings_environ(Settings(allowed_buckets=["[b", "c"]))["GUARDSTREAM_ALLOWED_BUCKETS"] == (
+        '["[b", "c"]'
+    )
+
+
+def test_settings_environ_only_names_the_settings_asked_for() -> None:
+    s = Settings(group_id="g", posts_topic="p")
+    assert settings_environ(s, only=["group_id", "max_batch_size", "transactional_id", "max_in_flight"]) == {
+        "GUARDSTREAM_GROUP_ID": "g",
+        "GUARDSTREAM_MAX_BATCH_SIZE": "32",  # named: written though it is the default
+        "GUARDSTREAM_TRANSACTIONAL_ID": "",  # unset, and "" reads as unset
+        # MAX_IN_FLIGHT is unset too, but "" is no number: left out (unset is its default)
+    }
+    with pytest.raises(ValueError, match="not settings of Settings: group"):
+        settings_environ(s, only=["group"])
+
+
+def test_an_optional_setting_with_a_default_reads_an_empty_value_as_unset() -> None:
+    # settings_environ leaves out an unset value it cannot write as "": that reads back only where unset
+    # is the default, so every optional setting whose default is a value must read "" as unset
+    for cls in (Settings, ConsoleSettings):
+        for name, info in cls.model_fields.items():
+            optional = isinstance(info.annotation, types.UnionType) and type(None) in info.annotation.__args__
+            if optional and info.get_default(call_default_factory=True) is not None:
+                assert name in EMPTY_IS_NONE, name
+
+
+def test_console_settings_environ_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    cs = ConsoleSettings(
+        console_tokens="alice:0123456789abcdef", console_port=0, console_redis_url="redis://r/1", group_id="g"
+    )
+    for key, value in settings_environ(cs).items():
+        monkeypatch.setenv(key, value)
+    assert ConsoleSettings().model_dump() == cs.model_dump()
+
+
+def test_child_environ_drops_the_parents_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the parent's MAX_BATCH_SIZE=8 overridden back to the default: the child must not inherit the 8
+    parent = {"PATH": "/bin", "GUARDSTREAM_MAX_BATCH_SIZE": "8", "GUARDSTREAM_CONFIG": "gs.toml"}
+    env = child_environ(Settings(max_batch_size=32, group_id="g"), parent)
+    assert env == {"PATH": "/bin", "GUARDSTREAM_GROUP_ID": "g"}
+    monkeypatch.setenv("GUARDSTREAM_GROUP_ID", "other")  # default: this process's environment
+    monkeypatch.setenv("NOT_A_SETTING", "kept")
+    env = child_environ(Settings(group_id="guardstream-moderation"))
+    assert "GUARDSTREAM_GROUP_ID" not in env and env["NOT_A_SETTING"] == "kept"

@@ -33,11 +33,9 @@ except ImportError:  # an older Typer on top of click
     from click.exceptions import UsageError as UsageError  # type: ignore[assignment]
 
 from guard.engines import EngineKind
-from workers.settings import Settings, describe_settings_error
+from workers.settings import ENV_PREFIX, Settings, describe_settings_error
 
 log = structlog.get_logger("guardstream")
-
-ENV_PREFIX = "GUARDSTREAM_"
 
 app = typer.Typer(
     name="guardstream",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from workers.cli.base import (
 from workers.cli.render import alerts_table, dead_letters_table, terminal, verdicts_table
 from workers.cli.replay import run_replay
 from workers.cli.topics import worker_topics
-from workers.settings import Settings
+from workers.settings import Settings, child_environ
 
 
 @app.command()
@@ -188,15 +187,10 @@ def start_alerts_subprocess(s: Settings) -> subprocess.Popen[bytes]:
     create_topics(
         s.kafka.bootstrap_servers, {s.kafka.novel_risk_topic: 1, s.kafka.alerts_topic: 1}, extra=s.kafka.extra
     )
-    env = {
-        **os.environ,
-        "GUARDSTREAM_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-        "GUARDSTREAM_KAFKA_EXTRA": json.dumps(s.kafka.extra),
-        "GUARDSTREAM_NOVEL_RISK_TOPIC": s.kafka.novel_risk_topic,
-        "GUARDSTREAM_ALERTS_TOPIC": s.kafka.alerts_topic,
+    env = {  # the demo's settings (its stack, topics, KAFKA_EXTRA), with an alert rule the feed's burst trips
+        **child_environ(s),
         "GUARDSTREAM_ALERT_MIN_COUNT": "10",
         "GUARDSTREAM_ALERT_MIN_AUTHORS": "5",
-        "GUARDSTREAM_SESSION_TIMEOUT_MS": "6000",
         "GUARDSTREAM_LOG_FORMAT": "json",
     }
     return subprocess.Popen(
