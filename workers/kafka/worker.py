@@ -88,8 +88,7 @@ class RunStats:
     consumed: int = 0  # records whose outcome was published
     verdicts: int = 0
     dead_letters: int = 0
-    batches: int = 0  # groups of outcomes published together
-    commits: int = 0
+    batches: int = 0  # groups of outcomes published together (commits: the sensor's ``on_commit``)
 
 
 class KafkaWorker:
@@ -484,11 +483,9 @@ class KafkaWorker:
         else:
             self.publisher.flush_acks()
             self.checkpoint.commit()
-        self.stats.commits = self.checkpoint.commits
 
     def close(self) -> None:
         self._closing = True
-        self.stats.commits = self.checkpoint.commits
         self.window.close(self.s.shutdown_timeout_s)
         try:
             self.consumer.close()
