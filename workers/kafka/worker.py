@@ -108,30 +108,30 @@ class KafkaWorker:
         the moderator's (itself the process-wide Prometheus sensor unless it was given one).
         ``observers`` are told what each committed checkpoint covered (``OutcomeObserver``)."""
         self.s = settings
+        k = settings.kafka
         self.moderator = moderator
         self.engine = engine
         self._on_event = on_event
         self.sensor = sensor if sensor is not None else moderator.sensor
         self.max_in_flight = settings.engine_config.max_in_flight or max(1, engine.max_in_flight)
         self.broker = BrokerWatch(
-            settings.kafka.bootstrap_servers,
-            settings.kafka.broker_deadline_s,
+            k.bootstrap_servers,
+            k.broker_deadline_s,
             self.sensor,
             on_down=lambda: self._event("broker_down"),
         )
-        self.consumer = Consumer({**consumer_config(settings.kafka), "error_cb": self.broker.on_error})
-        k = settings.kafka
+        self.consumer = Consumer({**consumer_config(k), "error_cb": self.broker.on_error})
         transactional = k.delivery is DeliveryMode.EXACTLY_ONCE
         txn_id = (k.transactional_id or f"{k.group_id}-{socket.gethostname()}") if transactional else None
         pcfg = {**producer_config(k, transactional_id=txn_id), "error_cb": self.broker.on_error}
         self.producer = Producer(pcfg)
         if transactional:
             # fences any zombie with the same id and aborts its open transaction
-            self.producer.init_transactions(settings.kafka.produce_timeout_s)
+            self.producer.init_transactions(k.produce_timeout_s)
         self.offsets = Offsets()
         self.publisher = Publisher(
             self.producer,
-            timeout_s=settings.kafka.produce_timeout_s,
+            timeout_s=k.produce_timeout_s,
             sensor=self.sensor,
             on_complete=None if transactional else self._acked,
         )
@@ -143,8 +143,8 @@ class KafkaWorker:
             self.offsets,
             transactional=transactional,
             interval_s=settings.commit_interval_ms / 1000.0,
-            broker_deadline_s=settings.kafka.broker_deadline_s,
-            produce_timeout_s=settings.kafka.produce_timeout_s,
+            broker_deadline_s=k.broker_deadline_s,
+            produce_timeout_s=k.produce_timeout_s,
             sensor=self.sensor,
             stop=self._stop,
             observers=observers,
@@ -167,10 +167,10 @@ class KafkaWorker:
         self._closing = False
         self.lag = LagReporter(
             self.consumer,
-            topic=settings.kafka.posts_topic,
-            group_id=settings.kafka.group_id,
+            topic=k.posts_topic,
+            group_id=k.group_id,
             # not idle before the group had a chance to assign us something (a session timeout)
-            idle_after_s=settings.kafka.session_timeout_ms / 1000.0,
+            idle_after_s=k.session_timeout_ms / 1000.0,
             sensor=self.sensor,
         )
         self._until = RunUntil()
