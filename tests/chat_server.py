@@ -95,12 +95,22 @@ class ChatServer:
                         status = server.fail_status
                     elif server.fail_if is not None:
                         status = server.fail_if(body)
+                counted = [True]
+
+                def reply(code: int, payload: dict[str, Any]) -> None:
+                    # no longer in flight *before* the answer leaves: the client may send its next request
+                    # the moment it reads this one, before this thread would reach a ``finally``
+                    with server._lock:
+                        server._in_flight -= 1
+                        counted[0] = False
+                    self._send(code, payload)
+
                 try:
                     if status is not None:
-                        return self._send(status, {"error": {"message": "engine overloaded"}})
+                        return reply(status, {"error": {"message": "engine overloaded"}})
                     err = server.validate(body)
                     if err:
-                        return self._send(400, {"error": {"message": err}})
+                        return reply(400, {"error": {"message": err}})
                     with server._lock:
                         server.requests.append(body)
                     text = server.respond(body)
@@ -108,10 +118,11 @@ class ChatServer:
                         time.sleep(server.delay(body))  # the model generating; holds this connection
                     with server._lock:
                         server.completed.append(body["messages"][1]["content"][-1].get("text", ""))
-                    return self._send(200, server.completion(body, text))
+                    return reply(200, server.completion(body, text))
                 finally:
-                    with server._lock:
-                        server._in_flight -= 1
+                    if counted[0]:  # an exception before the reply
+                        with server._lock:
+                            server._in_flight -= 1
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
