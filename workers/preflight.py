@@ -24,7 +24,7 @@ from guard.types import GuardEngine, ModerationItem
 from schemas.errors import EXIT_CONFIG, FatalError
 from workers.kafka.config import admin_config
 from workers.secrets import mask_url, mask_urls_in
-from workers.settings import DeliveryMode, Settings, describe_settings_error
+from workers.settings import DeliveryMode, Settings, describe_invalid, describe_settings_error
 
 KNOWN_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # Working memory of one decode per byte of a pixel at the cap (4 B/px stored, x1.5 while downscaling).
@@ -62,21 +62,12 @@ def _env(field: str) -> str:
     return f"GUARDSTREAM_{field.upper()}"
 
 
-def _invalid(e: Any) -> str:
-    """One validation error as ``GUARDSTREAM_X=value: why`` (an entry of a dict- or list-valued setting
-    as ``GUARDSTREAM_X['key']=value``); a check across settings is its own message."""
-    if not e.get("loc"):
-        return str(e["msg"])
-    where = "".join(f"[{k!r}]" for k in e["loc"][1:])
-    return f"{_env(str(e['loc'][0]))}{where}={e.get('input')!r}: {e['msg']}"
-
-
 def load_settings(**overrides: Any) -> tuple[Settings | None, CheckResult]:
     """Settings from the environment (and CLI overrides), each validation error named by its variable."""
     try:
         s = Settings(**overrides)
     except ValidationError as exc:
-        errs = [_invalid(e) for e in exc.errors()]
+        errs = [describe_invalid(e) for e in exc.errors()]
         return None, CheckResult("settings", False, "; ".join(errs)[:600], "correct the variables named")
     except SettingsError as exc:  # a JSON variable that is not JSON
         why = describe_settings_error(exc)

@@ -455,3 +455,14 @@ def describe_settings_error(exc: SettingsError, environ: Mapping[str, str] | Non
         f"{var}={env.get(var, '')!r}: not valid JSON; write it as a JSON object, "
         f'e.g. {var}=\'{{"security.protocol": "SASL_SSL"}}\''
     )
+
+
+def describe_invalid(e: Mapping[str, Any]) -> str:
+    """One pydantic validation error of the settings as ``GUARDSTREAM_X='value': why``; an entry of a
+    dict- or list-valued setting as ``GUARDSTREAM_X['key']=value``. A check across settings (no location)
+    is its own message: it names the variables."""
+    loc = e.get("loc") or ()
+    if not loc:
+        return str(e["msg"])
+    where = "".join(f"[{k!r}]" for k in loc[1:])
+    return f"{ENV_PREFIX}{str(loc[0]).upper()}{where}={e.get('input')!r}: {e['msg']}"

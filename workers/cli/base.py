@@ -33,7 +33,7 @@ except ImportError:  # an older Typer on top of click
     from click.exceptions import UsageError as UsageError  # type: ignore[assignment]
 
 from guard.engines import EngineKind
-from workers.settings import ENV_PREFIX, Settings, describe_settings_error
+from workers.settings import ENV_PREFIX, Settings, describe_invalid, describe_settings_error
 
 log = structlog.get_logger("guardstream")
 
@@ -186,11 +186,8 @@ def describe_validation(exc: ValidationError) -> str:
         if not e.get("loc"):  # a check across settings: its message names the variables
             parts.append(e["msg"])
             continue
-        field = str(e["loc"][0])
-        flag = "--" + field.replace("_", "-")
-        inner = e["loc"][1:]  # an entry of a dict- or list-valued setting (KAFKA_EXTRA's "a": 1)
-        where = "".join(f"[{k!r}]" for k in inner)
-        parts.append(f"{flag} / {env_name(field)}{where}={e.get('input')!r}: {e['msg']}")
+        flag = "--" + str(e["loc"][0]).replace("_", "-")
+        parts.append(f"{flag} / {describe_invalid(e)}")
     return "; ".join(parts)
 
 
